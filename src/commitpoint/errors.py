@@ -1,0 +1,108 @@
+"""The error tree: one base, a few specific classes, messages that name step, path and cause.
+
+Every error commitpoint raises on purpose derives from :class:`CommitpointError`, so callers can
+catch one class. Messages never include credentials: paths are always given relative to, or as,
+the backend's redacted URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CommitpointError(Exception):
+    """Base class of every error commitpoint raises deliberately."""
+
+
+class InvalidArgument(CommitpointError, ValueError):
+    """A caller passed a value commitpoint cannot accept (wrong type, range or form)."""
+
+
+class InvalidName(InvalidArgument):
+    """A save name or relative path is empty, absolute, or would escape the checkpoint root."""
+
+
+class InvalidStep(InvalidArgument):
+    """A global step is not a non-negative integer."""
+
+
+class BackendNotFound(CommitpointError, LookupError):
+    """No storage backend is registered for a URL scheme."""
+
+    def __init__(self, scheme: str, hint: str | None = None) -> None:
+        self.scheme = scheme
+        message = f"no commitpoint storage backend is registered for scheme {scheme!r}"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(message)
+
+
+class CommitConflict(CommitpointError):
+    """A conditional pointer write lost a race: the pointer changed since it was read."""
+
+    def __init__(self, path: str, detail: str = "") -> None:
+        self.path = path
+        message = f"pointer {path} changed since it was read"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+
+
+class StepRegression(CommitpointError):
+    """A commit asked to move a pointer to a lower step than the one it names."""
+
+    def __init__(self, path: str, current: int, requested: int) -> None:
+        self.path = path
+        self.current = current
+        self.requested = requested
+        super().__init__(
+            f"refusing to move pointer {path} back from step {current} to step {requested}; "
+            "use rewind to move a pointer back on purpose"
+        )
+
+
+class WriterFenced(CommitpointError):
+    """A newer monitor took the writer lease of this root; this monitor may no longer commit."""
+
+    def __init__(self, root: str, own_epoch: int, current_epoch: int | None) -> None:
+        self.root = root
+        self.own_epoch = own_epoch
+        self.current_epoch = current_epoch
+        super().__init__(
+            f"writer epoch {own_epoch} of {root} was superseded by epoch {current_epoch}; "
+            "another monitor now owns this checkpoint root"
+        )
+
+
+class CorruptCheckpoint(CommitpointError):
+    """Something committed is unreadable, missing, or does not match its manifest."""
+
+    def __init__(self, path: str, reason: str, problems: Sequence[str] = ()) -> None:
+        self.path = path
+        self.reason = reason
+        self.problems = tuple(problems)
+        super().__init__(f"{path}: {reason}")
+
+
+class StorageError(CommitpointError, OSError):
+    """A storage operation failed (after any retries the backend makes)."""
+
+    def __init__(self, operation: str, path: str, cause: BaseException | str) -> None:
+        self.operation = operation
+        self.path = path
+        self.cause = cause
+        super().__init__(f"{operation} {path} failed: {cause}")
+
+
+class SaveFailed(CommitpointError):
+    """A save function raised; its step was not committed.
+
+    ``failures`` holds every failure collected by the same :meth:`wait_all` call (this one first).
+    """
+
+    def __init__(self, step: int, name: str, cause: BaseException) -> None:
+        self.step = step
+        self.name = name
+        self.cause = cause
+        self.failures: list[SaveFailed] = [self]
+        super().__init__(f"save {name!r} of step {step} failed: {type(cause).__name__}: {cause}")

@@ -1,0 +1,108 @@
+"""The storage layout: pointer names, step folders, and validation of names and steps.
+
+The layout is shared with verl and Trinity-RFT readers: two pointer files holding a decimal step,
+and one ``global_step_<N>`` folder per step. commitpoint's own bookkeeping lives in one hidden
+folder (``.commitpoint``) under the root and in hidden manifest files inside step folders, so
+existing tools never see it.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+from commitpoint.errors import CorruptCheckpoint, InvalidName, InvalidStep
+
+STATE_DICT_POINTER = "latest_state_dict_iteration.txt"
+CHECKPOINT_POINTER = "latest_checkpointed_iteration.txt"
+META_DIR = ".commitpoint"
+WRITER_EPOCH = f"{META_DIR}/writer_epoch"
+REWIND_HISTORY = f"{META_DIR}/rewind_history.jsonl"
+STEP_PREFIX = "global_step_"
+_STEP_DIR_RE = re.compile(r"^global_step_(\d+)$")
+_POINTER_RE = re.compile(rb"^\s*(\d+)\s*$")
+
+
+class Kind(str, enum.Enum):
+    """What a commit makes visible: weights only, or everything needed to resume."""
+
+    STATE_DICT = "state_dict"
+    CHECKPOINT = "checkpoint"
+
+    @property
+    def pointer(self) -> str:
+        return STATE_DICT_POINTER if self is Kind.STATE_DICT else CHECKPOINT_POINTER
+
+    @property
+    def manifest(self) -> str:
+        return f".commitpoint-manifest.{self.value}.json"
+
+    @classmethod
+    def of(cls, is_state_dict: bool) -> Kind:
+        return cls.STATE_DICT if is_state_dict else cls.CHECKPOINT
+
+
+def check_step(step: object, what: str = "global_step") -> int:
+    """Return ``step`` if it is a non-negative int (not a bool), else raise :class:`InvalidStep`."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InvalidStep(f"{what} must be a non-negative int, got {type(step).__name__} {step!r}")
+    if step < 0:
+        raise InvalidStep(f"{what} must be non-negative, got {step}")
+    return step
+
+
+def check_name(name: object, what: str = "save name") -> str:
+    """Return ``name`` if it is a non-empty str, else raise :class:`InvalidName`."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidName(f"{what} must be a non-empty str, got {name!r}")
+    return name
+
+
+def safe_relpath(path: object) -> str:
+    """Normalise a path relative to the checkpoint root, refusing any way out of it.
+
+    Absolute paths, ``..`` components, empty components, backslashes, NUL bytes and URL schemes
+    raise :class:`InvalidName`; the result uses ``/`` separators and no leading or trailing slash.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidName(f"relative path must be a non-empty str, got {path!r}")
+    if "\x00" in path or "\\" in path or "://" in path:
+        raise InvalidName(f"relative path {path!r} contains a forbidden character sequence")
+    if path.startswith("/"):
+        raise InvalidName(f"relative path {path!r} is absolute")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts:
+        raise InvalidName(f"relative path {path!r} names the root itself")
+    if any(p == ".." for p in parts):
+        raise InvalidName(f"relative path {path!r} would escape the checkpoint root")
+    return "/".join(parts)
+
+
+def step_dir(step: int) -> str:
+    """Folder (relative to the root) that holds the files of ``step``."""
+    return f"{STEP_PREFIX}{check_step(step)}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step a ``global_step_<N>`` folder name stands for, or None for any other name."""
+    match = _STEP_DIR_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def step_of_path(relpath: str) -> int | None:
+    """The step whose folder contains ``relpath`` (relative to the root), if any."""
+    head = relpath.split("/", 1)[0]
+    return parse_step_dir(head)
+
+
+def encode_pointer(step: int) -> bytes:
+    return f"{check_step(step)}\n".encode("ascii")
+
+
+def decode_pointer(data: bytes, path: str) -> int:
+    """Parse a pointer file's bytes; anything but ASCII digits (and whitespace) is corrupt."""
+    match = _POINTER_RE.match(data)
+    if match is None:
+        shown = data[:32]
+        raise CorruptCheckpoint(path, f"pointer content {shown!r} is not a decimal step")
+    return int(match.group(1))

@@ -1,0 +1,74 @@
+"""CheckpointReader: find, verify and load what has been committed.
+
+A reader only ever looks at steps a pointer names (or that a manifest covers), so it never sees a
+half-written checkpoint. Loads verify the file against the step's manifest by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from commitpoint.layout import Kind, check_step, safe_relpath, step_dir
+from commitpoint.manifest import Manifest
+from commitpoint.storage.protocol import StorageBackend
+from commitpoint.storage.registry import open_storage
+from commitpoint.torch_io import load_torch
+from commitpoint.verify import VerifyReport, load_manifest, verify_file, verify_step
+
+
+class CheckpointReader:
+    """Read access to the checkpoints committed under ``url``."""
+
+    def __init__(self, url: str | StorageBackend, **storage_options: Any) -> None:
+        self.storage: StorageBackend = (
+            open_storage(url, **storage_options) if isinstance(url, str) else url
+        )
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def latest_step(self, kind: Kind | str) -> int | None:
+        return self.storage.read_pointer(Kind(kind).pointer).value
+
+    def latest_checkpoint_step(self) -> int | None:
+        """Newest step with a complete full checkpoint, or None."""
+        return self.latest_step(Kind.CHECKPOINT)
+
+    def latest_state_dict_step(self) -> int | None:
+        """Newest step with complete weights, or None."""
+        return self.latest_step(Kind.STATE_DICT)
+
+    def step_dir(self, step: int) -> str:
+        return step_dir(check_step(step))
+
+    def step_url(self, step: int) -> str:
+        """URL of the folder holding ``step``'s files (safe to print)."""
+        return self.storage.url_for(self.step_dir(step))
+
+    def manifest(self, step: int, kind: Kind | str = Kind.STATE_DICT) -> Manifest:
+        """The manifest covering ``step`` for ``kind`` (CorruptCheckpoint if there is none)."""
+        return load_manifest(self.storage, check_step(step), Kind(kind))
+
+    def verify(self, step: int, kind: Kind | str = Kind.STATE_DICT) -> VerifyReport:
+        """Check every file of ``step`` against its manifest and report all problems."""
+        return verify_step(self.storage, check_step(step), Kind(kind))
+
+    def path_in_step(self, step: int, relpath: str) -> str:
+        return f"{self.step_dir(step)}/{safe_relpath(relpath)}"
+
+    def load(
+        self,
+        step: int,
+        relpath: str,
+        *,
+        kind: Kind | str = Kind.STATE_DICT,
+        verify: bool = True,
+        map_location: Any = "cpu",
+        weights_only: bool = True,
+    ) -> Any:
+        """``torch.load`` of ``relpath`` inside ``step``'s folder, verified first by default."""
+        path = self.path_in_step(step, relpath)
+        if verify:
+            verify_file(self.storage, step, path, Kind(kind))
+        return load_torch(self.storage, path, map_location=map_location, weights_only=weights_only)

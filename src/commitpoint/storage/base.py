@@ -1,0 +1,316 @@
+"""The shared fsspec implementation of everything in the storage protocol but the pointer pair.
+
+A backend subclasses :class:`FsspecStorage`, builds its filesystem, and supplies
+``read_pointer`` / ``write_pointer_if`` (the only operation whose atomicity differs per store). It
+may override ``_open_raw_write`` to tune streaming uploads and ``_translate_error`` to map the
+store's errors onto :class:`~commitpoint.errors.StorageError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+from commitpoint.checksum import DEFAULT_ALGORITHM, Checksum
+from commitpoint.errors import CommitpointError, StorageError
+from commitpoint.layout import decode_pointer, encode_pointer, safe_relpath
+from commitpoint.storage.protocol import FileInfo, FileRecord, PointerState
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from fsspec import AbstractFileSystem
+
+logger = logging.getLogger(__name__)
+
+
+def redact_url(url: str) -> str:
+    """Drop any ``user:password@`` part of a URL so it can be logged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{slash}{path}"
+
+
+class FsspecWriter:
+    """A streaming write that checksums every byte and reports a :class:`FileRecord` on close."""
+
+    def __init__(self, storage: FsspecStorage, relpath: str, raw: Any, track: bool) -> None:
+        self.path = relpath
+        self._track = track
+        self._storage = storage
+        self._raw = raw
+        self._checksum = Checksum(storage.checksum_algorithm)
+        self._size = 0
+        self._record: FileRecord | None = None
+        self._closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B").toreadonly()
+        try:
+            self._raw.write(view)
+        except CommitpointError:
+            raise
+        except Exception as exc:
+            raise self._storage._translate_error("write", self.path, exc) from exc
+        self._checksum.update(view)
+        self._size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def tell(self) -> int:
+        return self._size
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def record(self) -> FileRecord | None:
+        return self._record
+
+    def close(self) -> None:
+        """Finish the write durably; only then is the file's record kept."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._storage._finish_raw_write(self._raw)
+        except CommitpointError:
+            raise
+        except Exception as exc:
+            raise self._storage._translate_error("write", self.path, exc) from exc
+        self._record = FileRecord(
+            self.path, self._size, self._checksum.hexdigest(), self._checksum.algorithm
+        )
+        if self._track:
+            self._storage._keep_record(self._record)
+
+    def abort(self) -> None:
+        """Give up the write: nothing is recorded and partial data is discarded where possible."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._storage._abort_raw_write(self._raw, self.path)
+        except Exception:
+            logger.warning("could not discard partial write of %s", self._storage.url_for(self.path))
+
+    def __enter__(self) -> FsspecWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class FsspecStorage:
+    """Base class of backends: every protocol operation except the pointer pair."""
+
+    checksum_algorithm: str = DEFAULT_ALGORITHM
+
+    def __init__(self, url: str, fs: AbstractFileSystem, root: str, **storage_options: Any):
+        self._url = redact_url(url.rstrip("/"))
+        self._fs = fs
+        self._root = root.rstrip("/")
+        self._storage_options = dict(storage_options)
+        self._records: dict[str, FileRecord] = {}
+        self._records_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._url!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Backends travel to Ray workers by URL and options, never with their live clients.
+        from commitpoint.storage.registry import open_storage
+
+        return (_reopen, (open_storage, self._url, self._storage_options))
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    @property
+    def storage_options(self) -> dict[str, object]:
+        return dict(self._storage_options)
+
+    def full_path(self, relpath: str) -> str:
+        return f"{self._root}/{safe_relpath(relpath)}"
+
+    def url_for(self, relpath: str) -> str:
+        return f"{self._url}/{safe_relpath(relpath)}"
+
+    def _relative(self, full: str) -> str:
+        full = full.rstrip("/")
+        stripped = cast(str, self._fs._strip_protocol(full))
+        prefix = self._root + "/"
+        if not stripped.startswith(prefix):
+            raise StorageError("list", self._url, f"listed path {stripped!r} is outside the root")
+        return stripped[len(prefix) :]
+
+    # -- errors -----------------------------------------------------------------------------
+    def _translate_error(self, operation: str, relpath: str, exc: BaseException) -> Exception:
+        """Map a store error to a :class:`StorageError` naming the URL (backends refine this)."""
+        if isinstance(exc, CommitpointError):
+            return exc
+        return StorageError(operation, self.url_for(relpath) if relpath else self._url, _describe(exc))
+
+    # -- streaming writes -------------------------------------------------------------------
+    def _open_raw_write(self, full: str) -> Any:
+        parent = full.rsplit("/", 1)[0]
+        self._fs.makedirs(parent, exist_ok=True)
+        return self._fs.open(full, "wb")
+
+    def _finish_raw_write(self, raw: Any) -> None:
+        raw.close()
+
+    def _abort_raw_write(self, raw: Any, relpath: str) -> None:
+        discard = getattr(raw, "discard", None)
+        if callable(discard):
+            discard()
+        else:
+            raw.close()
+            if self._fs.exists(self.full_path(relpath)):
+                self._fs.rm_file(self.full_path(relpath))
+
+    def open_write(self, relpath: str, *, track: bool = True) -> FsspecWriter:
+        relpath = safe_relpath(relpath)
+        try:
+            raw = self._open_raw_write(self.full_path(relpath))
+        except CommitpointError:
+            raise
+        except Exception as exc:
+            raise self._translate_error("open for write", relpath, exc) from exc
+        return FsspecWriter(self, relpath, raw, track)
+
+    def _keep_record(self, record: FileRecord) -> None:
+        with self._records_lock:
+            self._records[record.path] = record
+
+    def take_records(self, prefix: str) -> list[FileRecord]:
+        prefix = safe_relpath(prefix) + "/"
+        with self._records_lock:
+            taken = [r for p, r in self._records.items() if p.startswith(prefix)]
+            for record in taken:
+                del self._records[record.path]
+        return sorted(taken, key=lambda r: r.path)
+
+    def write_bytes(self, relpath: str, data: bytes, *, track: bool = True) -> FileRecord:
+        with self.open_write(relpath, track=track) as writer:
+            writer.write(data)
+        record = writer.record
+        assert record is not None
+        return record
+
+    # -- reads and listing ------------------------------------------------------------------
+    def open_read(self, relpath: str) -> BinaryIO:
+        try:
+            return cast(BinaryIO, self._fs.open(self.full_path(relpath), "rb"))
+        except Exception as exc:
+            raise self._translate_error("open for read", relpath, exc) from exc
+
+    def read_bytes(self, relpath: str) -> bytes:
+        try:
+            return cast(bytes, self._fs.cat_file(self.full_path(relpath)))
+        except Exception as exc:
+            raise self._translate_error("read", relpath, exc) from exc
+
+    def exists(self, relpath: str) -> bool:
+        try:
+            return bool(self._fs.exists(self.full_path(relpath)))
+        except Exception as exc:
+            raise self._translate_error("check", relpath, exc) from exc
+
+    def list_files(self, prefix: str = "") -> list[FileInfo]:
+        base = self.full_path(prefix) if prefix else self._root
+        try:
+            found = self._fs.find(base, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise self._translate_error("list", prefix, exc) from exc
+        infos = [
+            FileInfo(self._relative(path), int(info.get("size") or 0))
+            for path, info in found.items()
+            if info.get("type", "file") != "directory"
+        ]
+        return sorted(infos, key=lambda i: i.path)
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        base = self.full_path(prefix) if prefix else self._root
+        try:
+            entries = self._fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise self._translate_error("list", prefix, exc) from exc
+        names = {
+            self._relative(e["name"]).rsplit("/", 1)[-1]
+            for e in entries
+            if e.get("type") == "directory"
+        }
+        return sorted(names)
+
+    def delete(self, relpath: str, *, recursive: bool = False) -> None:
+        path = self.full_path(relpath)
+        try:
+            if recursive:
+                if self._fs.exists(path):
+                    self._fs.rm(path, recursive=True)
+            else:
+                self._fs.rm_file(path)
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise self._translate_error("delete", relpath, exc) from exc
+
+    # -- pointers: backends provide these ---------------------------------------------------
+    def read_pointer(self, name: str) -> PointerState:
+        raise NotImplementedError
+
+    def write_pointer_if(self, name: str, value: int, token: str | None) -> str:
+        raise NotImplementedError
+
+    # helpers for backends
+    def _decode_pointer(self, name: str, data: bytes) -> int:
+        return decode_pointer(data, self.url_for(name))
+
+    @staticmethod
+    def _encode_pointer(value: int) -> bytes:
+        return encode_pointer(value)
+
+
+def _reopen(opener: Any, url: str, options: dict[str, Any]) -> Any:
+    return opener(url, **options)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text

@@ -1,0 +1,60 @@
+"""In-memory backend (``memory://``) for fast tests of pure logic.
+
+It wraps fsspec's process-global memory filesystem, so every instance in one process sees the same
+files. Pointer commits are serialised by a process lock and versioned by a generation counter.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+from fsspec.implementations.memory import MemoryFileSystem
+
+from commitpoint.errors import CommitConflict
+from commitpoint.layout import safe_relpath
+from commitpoint.storage.base import FsspecStorage
+from commitpoint.storage.protocol import PointerState
+
+
+class MemoryBackend(FsspecStorage):
+    """Checkpoints in this process's memory; gone when the process exits."""
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _generations: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        fs = MemoryFileSystem(**storage_options)
+        path = url.split("://", 1)[1] if "://" in url else url
+        root = "/" + path.strip("/")
+        super().__init__("memory://" + path.strip("/"), fs, root, **storage_options)
+
+    def _open_raw_write(self, full: str) -> Any:
+        return self.fs.open(full, "wb")
+
+    def _state(self, name: str) -> tuple[bytes | None, str | None]:
+        path = self.full_path(name)
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None, None
+        return data, str(self._generations.get(path, 0))
+
+    def read_pointer(self, name: str) -> PointerState:
+        with self._lock:
+            data, token = self._state(name)
+        if data is None:
+            return PointerState(None, None)
+        return PointerState(self._decode_pointer(name, data), token)
+
+    def write_pointer_if(self, name: str, value: int, token: str | None) -> str:
+        name = safe_relpath(name)
+        path = self.full_path(name)
+        with self._lock:
+            _, current = self._state(name)
+            if current != token:
+                raise CommitConflict(self.url_for(name))
+            generation = self._generations.get(path, 0) + 1
+            self.fs.pipe_file(path, self._encode_pointer(value))
+            self._generations[path] = generation
+        return str(generation)

@@ -1,0 +1,148 @@
+"""The storage protocol: the few operations that differ per store.
+
+A backend wraps one fsspec filesystem rooted at a URL. Everything above it (the monotonic
+compare-and-swap loop, manifests, verification, retention, the writer lease) is built once in the
+core from these operations. Paths given to a backend are always relative to its root and pass
+through :func:`commitpoint.layout.safe_relpath` first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from fsspec import AbstractFileSystem
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file of a checkpoint: path relative to the root, size, and checksum of its bytes.
+
+    ``tracked`` is True when the checksum was computed while the bytes were written through the
+    backend; False when the file was found by listing (written by code outside the backend).
+    """
+
+    path: str
+    size: int
+    checksum: str | None = None
+    algorithm: str | None = None
+    tracked: bool = True
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A listed file: path relative to the root and size in bytes."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PointerState:
+    """A pointer as read from storage: its step (None if absent) and an opaque version token.
+
+    The token is what :meth:`StorageBackend.write_pointer_if` compares against: an ETag on S3, a
+    generation on GCS, content + inode + mtime on local disk.
+    """
+
+    value: int | None
+    token: str | None
+
+
+class TrackedWriter(Protocol):
+    """A binary file being written; on a clean close it is durable and its record is kept."""
+
+    path: str
+
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def tell(self) -> int: ...
+
+    def writable(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def record(self) -> FileRecord | None: ...
+
+    def __enter__(self) -> TrackedWriter: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """What commitpoint needs from a store. See :class:`FsspecStorage` for the shared base."""
+
+    @property
+    def url(self) -> str:
+        """The root URL, safe to print (no credentials)."""
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The fsspec filesystem the backend wraps."""
+
+    @property
+    def root(self) -> str:
+        """The root as a path of :attr:`fs` (protocol stripped)."""
+
+    @property
+    def storage_options(self) -> dict[str, object]:
+        """The options the backend was opened with (may hold credentials: never log them)."""
+
+    def full_path(self, relpath: str) -> str:
+        """``relpath`` as a path of :attr:`fs`."""
+
+    def url_for(self, relpath: str) -> str:
+        """``relpath`` as a URL, safe to print."""
+
+    def open_write(self, relpath: str, *, track: bool = True) -> TrackedWriter:
+        """Open ``relpath`` for a streaming write that records size and checksum.
+
+        With ``track`` the record is kept until :meth:`take_records` collects it for the manifest;
+        commitpoint's own files (manifests, history) are written untracked.
+        """
+
+    def open_read(self, relpath: str) -> BinaryIO:
+        """Open ``relpath`` for a streaming, seekable read."""
+
+    def read_bytes(self, relpath: str) -> bytes: ...
+
+    def write_bytes(self, relpath: str, data: bytes, *, track: bool = True) -> FileRecord: ...
+
+    def exists(self, relpath: str) -> bool: ...
+
+    def list_files(self, prefix: str = "") -> list[FileInfo]:
+        """Every file below ``prefix`` (recursive), sorted by path."""
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Names of the folders directly below ``prefix``."""
+
+    def delete(self, relpath: str, *, recursive: bool = False) -> None: ...
+
+    def read_pointer(self, name: str) -> PointerState: ...
+
+    def write_pointer_if(self, name: str, value: int, token: str | None) -> str:
+        """Write ``value`` to pointer ``name`` only if its version is still ``token``.
+
+        ``token=None`` means "only if the pointer does not exist". Returns the new token, or
+        raises :class:`~commitpoint.errors.CommitConflict` if the pointer changed.
+        """
+
+    def take_records(self, prefix: str) -> list[FileRecord]:
+        """Remove and return the records of files written below ``prefix`` by this process."""
