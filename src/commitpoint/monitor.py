@@ -19,6 +19,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +83,10 @@ class CheckpointMonitor:
         storage_url: str,
         storage_options: Mapping[str, Any] | None = None,
         save_strategy: SaveStrategy | str = SaveStrategy.UNRESTRICTED,
+        retention: Any | None = None,
     ) -> None:
+        """``retention`` (a :class:`commitpoint.retention.RetentionPolicy`) is applied in the
+        background after each commit; it never deletes a step a pointer names or one in flight."""
         self._storage_url = storage_url
         self._storage_options = dict(storage_options or {})
         try:
@@ -103,6 +107,10 @@ class CheckpointMonitor:
         self._slot_owner: object = None
         self._slot_users = 0
         self._thread_ids = itertools.count(1)
+        self._retention = retention
+        self._retention_pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="commitpoint-retention") if retention else None
+        )
         logger.info(
             "checkpoint monitor on %s (strategy %s, epoch %d): latest state dict %s, checkpoint %s",
             self._storage.url, self._strategy.value, self._lease.epoch,
@@ -118,6 +126,7 @@ class CheckpointMonitor:
         storage_options: Mapping[str, Any] | None = None,
         save_strategy: SaveStrategy | str = SaveStrategy.UNRESTRICTED,
         name: str = "checkpoint_monitor",
+        retention: Any | None = None,
         **actor_options: Any,
     ) -> Any:
         """The job's named monitor actor: created on first call, shared by every later call.
@@ -137,7 +146,7 @@ class CheckpointMonitor:
         }
         options.update(actor_options)
         return ray.remote(cls).options(**options).remote(
-            storage_url, dict(storage_options or {}), SaveStrategy(save_strategy)
+            storage_url, dict(storage_options or {}), SaveStrategy(save_strategy), retention
         )
 
     # -- queries ------------------------------------------------------------------------------
@@ -300,6 +309,8 @@ class CheckpointMonitor:
                         if kind is Kind.CHECKPOINT:
                             state.committing.discard(Kind.STATE_DICT)
                         self._prune(step)
+        if kinds and self._retention_pool is not None:
+            self._retention_pool.submit(self._apply_retention)
 
     def _commit(self, step: int, kind: Kind) -> None:
         with self._lock:
@@ -342,6 +353,20 @@ class CheckpointMonitor:
             if self._latest[kind] is None or step > (self._latest[kind] or 0):
                 self._latest[kind] = step
         return result is Advance.MOVED
+
+    def _apply_retention(self) -> None:
+        with self._lock:
+            in_flight = set(self._steps)
+        try:
+            self._retention.apply(self._storage, in_flight=in_flight)
+        except Exception:
+            logger.exception("retention on %s failed; nothing more is deleted this round",
+                             self._storage.url)
+
+    def close(self) -> None:
+        """Stop background retention work (waiting for a round in progress)."""
+        if self._retention_pool is not None:
+            self._retention_pool.shutdown(wait=True)
 
     def _prune(self, step: int) -> None:
         state = self._steps.get(step)

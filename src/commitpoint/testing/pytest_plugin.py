@@ -1,0 +1,83 @@
+"""pytest fixtures for checkpoint roots, loaded automatically when commitpoint is installed.
+
+- ``local_checkpoint_root``, ``memory_checkpoint_root``: a fresh folder / in-memory root.
+- ``s3_checkpoint_root``: a fresh bucket on a moto S3 server (needs ``commitpoint-s3[testing]``).
+- ``gcs_checkpoint_root``: a fresh bucket on fake-gcs-server (needs ``commitpoint-gcs[testing]``).
+- ``checkpoint_root``: parametrised over local, S3 and GCS; a backend whose packages are not
+  installed is skipped with the reason shown.
+Servers start on first use, are shared by the whole session, and are stopped when it ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from commitpoint.testing import (
+    CheckpointRoot,
+    MissingTestDependency,
+    local_root,
+    memory_root,
+    shutdown_servers,
+)
+
+
+def _s3_root() -> Any:
+    from commitpoint.testing.s3 import s3_root
+
+    return s3_root()
+
+
+def _gcs_root() -> Any:
+    from commitpoint.testing.gcs import gcs_root
+
+    return gcs_root()
+
+
+def _root(kind: str, tmp_path: Any) -> Any:
+    if kind == "local":
+        return local_root(str(tmp_path))
+    if kind == "memory":
+        return memory_root()
+    try:
+        return _s3_root() if kind == "s3" else _gcs_root()
+    except (MissingTestDependency, ModuleNotFoundError) as exc:
+        pytest.skip(f"{kind} checkpoint root unavailable: {exc}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _commitpoint_stop_servers() -> Iterator[None]:
+    yield
+    shutdown_servers()
+
+
+@pytest.fixture
+def local_checkpoint_root(tmp_path: Any) -> Iterator[CheckpointRoot]:
+    with _root("local", tmp_path) as root:
+        yield root
+
+
+@pytest.fixture
+def memory_checkpoint_root(tmp_path: Any) -> Iterator[CheckpointRoot]:
+    with _root("memory", tmp_path) as root:
+        yield root
+
+
+@pytest.fixture
+def s3_checkpoint_root(tmp_path: Any) -> Iterator[CheckpointRoot]:
+    with _root("s3", tmp_path) as root:
+        yield root
+
+
+@pytest.fixture
+def gcs_checkpoint_root(tmp_path: Any) -> Iterator[CheckpointRoot]:
+    with _root("gcs", tmp_path) as root:
+        yield root
+
+
+@pytest.fixture(params=["local", "s3", "gcs"])
+def checkpoint_root(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[CheckpointRoot]:
+    with _root(request.param, tmp_path) as root:
+        yield root
