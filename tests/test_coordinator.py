@@ -139,3 +139,18 @@ def test_context_manager_waits(local_checkpoint_root: CheckpointRoot) -> None:
         coordinator.save_async("m", lambda: time.sleep(0.05), 1, is_state_dict=True)
         coordinator.register_and_monitor_sync(1, True, state_dict_thread_count=1)
     assert local_checkpoint_root.committed_steps()["state_dict"] == 1
+
+
+def test_saves_into_a_committed_step_are_refused_without_writing(
+    setup: tuple[CheckpointRoot, CheckpointCoordinator],
+) -> None:
+    root, coordinator = setup
+    storage = coordinator.storage
+    coordinator.save_sync(lambda: storage.write_bytes("global_step_5/model.pt", b"v1"), 5, True)
+    coordinator.register_and_monitor_sync(5, True, state_dict_thread_count=1)
+    assert root.committed_steps()["state_dict"] == 5
+    with pytest.raises(SaveFailed) as info:
+        coordinator.save_sync(lambda: storage.write_bytes("global_step_5/model.pt", b"v2"), 5, True)
+    assert "refusing to move pointer" in str(info.value.cause)
+    assert storage.read_bytes("global_step_5/model.pt") == b"v1"
+    assert root.verify(5).ok

@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from commitpoint.errors import InvalidArgument, SaveFailed
-from commitpoint.layout import check_name, check_step, step_dir
+from commitpoint.errors import InvalidArgument, SaveFailed, StepRegression
+from commitpoint.layout import Kind, check_name, check_step, step_dir
 from commitpoint.monitor_client import MonitorClient
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.storage.registry import open_storage
@@ -128,6 +128,7 @@ class CheckpointCoordinator:
         try:
             self._monitor.call("notify_started", self._node_id, self._job_id)
             started = True
+            self._refuse_committed_step(step, is_state_dict)
             save_fn()
             records = self._storage.take_records(step_dir(step))
             self._monitor.call(
@@ -145,6 +146,17 @@ class CheckpointCoordinator:
             except Exception as report_exc:  # the monitor itself is gone; still fail loudly
                 logger.error("could not report failed save %r to the monitor: %s", name, report_exc)
             return SaveFailed(step, name, exc)
+
+    def _refuse_committed_step(self, step: int, is_state_dict: bool) -> None:
+        """Never write into a step a pointer already names: its files are committed.
+
+        This happens after resuming from an older checkpoint while the state-dict pointer is
+        ahead of it; rewind the pointer first (``commitpoint rewind``) to re-train those steps.
+        """
+        kind = Kind.of(is_state_dict)
+        latest = self._monitor.call("latest_steps")[kind.value]
+        if latest is not None and step <= latest:
+            raise StepRegression(self._storage.url_for(kind.pointer), latest, step)
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Wait for every background save; raise :class:`SaveFailed` if any of them failed.

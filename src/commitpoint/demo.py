@@ -1,0 +1,236 @@
+"""The demo: a small training run that checkpoints in the background, then resumes.
+
+It trains a small MLP on a synthetic regression task, saves the weights (state dict) every few
+steps and a full checkpoint (weights + optimizer + training state) less often, all through
+``CheckpointCoordinator.save_async``. At the end it plays the part of a restarted job: it builds a
+fresh model, loads the latest committed checkpoint, and proves the restored weights and optimizer
+state equal what was saved. Run it again and it resumes from where the last run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import time
+from typing import Any
+
+from commitpoint.coordinator import CheckpointCoordinator
+from commitpoint.layout import STATE_DICT_POINTER, step_dir
+from commitpoint.monitor import CheckpointMonitor
+from commitpoint.pointer import rewind_pointer
+from commitpoint.reader import CheckpointReader
+from commitpoint.torch_io import save_torch
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="commitpoint demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--storage", default="./checkpoints", help="checkpoint root URL")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="storage option (repeatable), e.g. endpoint_url=http://...")
+    parser.add_argument("--steps", type=int, default=40, help="training steps to run")
+    parser.add_argument("--save-every", type=int, default=5, help="state dict every N steps")
+    parser.add_argument("--checkpoint-every", type=int, default=10,
+                        help="full checkpoint every N steps")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden width of the model")
+    parser.add_argument("--ray", action="store_true", help="run the monitor as a Ray actor")
+    parser.add_argument("--verbose", action="store_true", help="log commits as they happen")
+    args = parser.parse_args(argv)
+    for name in ("steps", "save_every", "checkpoint_every", "hidden"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"commitpoint demo: --option needs KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
+def _model(hidden: int) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
+    )
+
+
+def _batch(step: int) -> tuple[Any, Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(64, 32, generator=generator)
+    y = x[:, :4].sum(dim=1, keepdim=True) + 0.1 * torch.randn(64, 1, generator=generator)
+    return x, y
+
+
+def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
+    """The caller's own snapshot: tensors cloned so training can go on while they are written."""
+    import torch
+
+    def clone(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {k: clone(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(clone(v) for v in value)
+        return copy.deepcopy(value)
+
+    return {k: clone(v) for k, v in state.items()}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _rewind_weights_to_checkpoint(reader: CheckpointReader) -> None:
+    """Resuming from checkpoint C while the weights pointer names a later step S: the steps
+    after C will be trained again, so the weights pointer goes back to C first, explicitly."""
+    checkpoint = reader.latest_checkpoint_step()
+    weights = reader.latest_state_dict_step()
+    if checkpoint is not None and weights is not None and weights > checkpoint:
+        rewind_pointer(reader.storage, STATE_DICT_POINTER, checkpoint, expected=weights)
+        _say(f"rewound the weights pointer from step {weights} to checkpoint step {checkpoint}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    options = _options(args.option)
+    reader = CheckpointReader(args.storage, **options)
+    _rewind_weights_to_checkpoint(reader)
+    if args.ray:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        monitor: Any = CheckpointMonitor.get_actor("commitpoint-demo", args.storage, options)
+    else:
+        monitor = CheckpointMonitor(args.storage, options)
+    coordinator = CheckpointCoordinator(monitor)
+    storage = coordinator.storage
+
+    model = _model(args.hidden)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start = 0
+    resumed = reader.latest_checkpoint_step()
+    if resumed is not None:
+        folder = step_dir(resumed)
+        model.load_state_dict(reader.load(resumed, "model.pt", kind="checkpoint"))
+        optimizer.load_state_dict(reader.load(resumed, "optimizer.pt", kind="checkpoint"))
+        start = int(reader.load(resumed, "trainer_state.pt", kind="checkpoint")["step"])
+        _say(f"resuming from {reader.storage.url_for(folder)} (step {start})")
+    else:
+        _say(f"starting a new run; checkpoints go to {storage.url}")
+
+    saved: dict[int, dict[str, Any]] = {}
+    stall = 0.0
+    t0 = time.perf_counter()
+    loss_value = float("nan")
+    for step in range(start + 1, start + args.steps + 1):
+        x, y = _batch(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_value = loss.item()
+
+        full = step % args.checkpoint_every == 0
+        if step % args.save_every and not full:
+            continue
+        began = time.perf_counter()
+        weights = _cpu_copy(model.state_dict())
+        folder = step_dir(step)
+        coordinator.save_async(
+            "model", lambda w=weights, f=folder: save_torch(storage, f"{f}/model.pt", w),
+            step, is_state_dict=True,
+        )
+        if full:
+            optim_state = _cpu_copy(optimizer.state_dict())
+            trainer_state = {"step": step, "loss": loss_value}
+            coordinator.save_async(
+                "optimizer", lambda o=optim_state, f=folder: save_torch(storage, f"{f}/optimizer.pt", o),
+                step,
+            )
+            coordinator.save_async(
+                "trainer_state",
+                lambda t=trainer_state, f=folder: save_torch(storage, f"{f}/trainer_state.pt", t),
+                step,
+            )
+            coordinator.register_and_monitor_sync(
+                step, False, state_dict_thread_count=1, checkpoint_thread_count=2
+            )
+            saved[step] = {"model": weights, "optimizer": optim_state}
+        else:
+            coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1)
+        stall += time.perf_counter() - began
+        latest = coordinator.latest_steps()
+        _say(
+            f"step {step:4d}  loss {loss_value:.4f}  saved {'checkpoint' if full else 'weights':10s}"
+            f"  committed: weights {latest['state_dict']}, checkpoint {latest['checkpoint']}"
+        )
+
+    coordinator.wait_all()
+    elapsed = time.perf_counter() - t0
+    latest = coordinator.latest_steps()
+    _say(
+        f"trained {args.steps} steps in {elapsed:.2f} s; training was blocked {stall * 1000:.1f} ms "
+        f"in total by checkpointing (including its own state-dict copies)"
+    )
+    _say(f"committed: weights step {latest['state_dict']}, checkpoint step {latest['checkpoint']}")
+
+    # A restarted job: fresh model and optimizer, restored from the newest full checkpoint.
+    step = reader.latest_checkpoint_step()
+    if step is None or step not in saved:
+        _say("no full checkpoint was committed by this run; nothing to resume from")
+        return 1
+    report = reader.verify(step, "checkpoint")
+    _say(f"verify step {step}: {report.files} files, {report.bytes} bytes, "
+         f"{'ok' if report.ok else 'PROBLEMS: ' + '; '.join(map(str, report.problems))}")
+    fresh = _model(args.hidden)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    fresh.load_state_dict(reader.load(step, "model.pt", kind="checkpoint"))
+    fresh_optimizer.load_state_dict(reader.load(step, "optimizer.pt", kind="checkpoint"))
+    same = _equal(fresh.state_dict(), saved[step]["model"]) and _equal(
+        fresh_optimizer.state_dict()["state"], saved[step]["optimizer"]["state"]
+    )
+    _say(f"resumed from step {step}: restored weights and optimizer state "
+         f"{'equal' if same else 'DIFFER FROM'} the saved ones")
+    if args.ray:
+        import ray
+
+        ray.shutdown()
+    return 0 if same and report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
