@@ -6,10 +6,14 @@
 - ``checkpoint_root``: parametrised over local, S3 and GCS; a backend whose packages are not
   installed is skipped with the reason shown.
 Servers start on first use, are shared by the whole session, and are stopped when it ends.
+
+Set ``COMMITPOINT_TESTING_REQUIRE=s3,gcs`` (as commitpoint's own CI does) to turn a skip for a
+missing backend into a failure, so a broken install cannot pass as "skipped".
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +48,9 @@ def _root(kind: str, tmp_path: Any) -> Any:
     try:
         return _s3_root() if kind == "s3" else _gcs_root()
     except (MissingTestDependency, ModuleNotFoundError) as exc:
+        required = os.environ.get("COMMITPOINT_TESTING_REQUIRE", "").replace(" ", "").split(",")
+        if kind in required:
+            pytest.fail(f"{kind} checkpoint root required but unavailable: {exc}")
         pytest.skip(f"{kind} checkpoint root unavailable: {exc}")
 
 
