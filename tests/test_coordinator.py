@@ -27,7 +27,9 @@ def setup(local_checkpoint_root: CheckpointRoot) -> tuple[CheckpointRoot, Checkp
     return local_checkpoint_root, CheckpointCoordinator(monitor)
 
 
-def test_save_async_returns_before_the_save_runs(setup: tuple[CheckpointRoot, CheckpointCoordinator]) -> None:
+def test_save_async_returns_before_the_save_runs(
+    setup: tuple[CheckpointRoot, CheckpointCoordinator],
+) -> None:
     root, coordinator = setup
     release = threading.Event()
     coordinator.save_async("model", release.wait, 1, is_state_dict=True)
@@ -71,7 +73,10 @@ def test_failure_is_raised_by_wait_all_and_does_not_stop_the_next_step(
     coordinator.save_async("model", broken, 1, is_state_dict=True)
     coordinator.register_and_monitor_sync(1, True, state_dict_thread_count=1)
     coordinator.save_async(
-        "model", lambda: save_torch(storage, "global_step_2/model.pt", {"w": torch.ones(3)}), 2, True
+        "model",
+        lambda: save_torch(storage, "global_step_2/model.pt", {"w": torch.ones(3)}),
+        2,
+        True,
     )
     coordinator.register_and_monitor_sync(2, True, state_dict_thread_count=1)
     assert any("device went away" in r.getMessage() for r in caplog.records)  # logged at once
@@ -85,7 +90,9 @@ def test_failure_is_raised_by_wait_all_and_does_not_stop_the_next_step(
     coordinator.wait_all()  # each failure is raised once
 
 
-def test_several_failures_are_all_reported(setup: tuple[CheckpointRoot, CheckpointCoordinator]) -> None:
+def test_several_failures_are_all_reported(
+    setup: tuple[CheckpointRoot, CheckpointCoordinator],
+) -> None:
     _, coordinator = setup
 
     def fail(message: str) -> None:
@@ -118,7 +125,9 @@ def test_async_register_and_monitor(setup: tuple[CheckpointRoot, CheckpointCoord
     assert coordinator.latest_steps()["state_dict"] == 5
 
 
-def test_bad_arguments_are_typed_errors(setup: tuple[CheckpointRoot, CheckpointCoordinator]) -> None:
+def test_bad_arguments_are_typed_errors(
+    setup: tuple[CheckpointRoot, CheckpointCoordinator],
+) -> None:
     _, coordinator = setup
     with pytest.raises(InvalidName):
         coordinator.save_async("", lambda: None, 1)

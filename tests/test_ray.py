@@ -36,8 +36,9 @@ class ShardWorker:
             save_torch(self.coordinator.storage, f"global_step_{step}/shard_{self.rank}.pt", shard)
 
         self.coordinator.save_async("shard", write_shard, step, is_state_dict=True)
-        self.coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1,
-                                                   participants=WORKERS)
+        self.coordinator.register_and_monitor_sync(
+            step, True, state_dict_thread_count=1, participants=WORKERS
+        )
 
     def wait(self) -> None:
         self.coordinator.wait_all()
@@ -62,12 +63,14 @@ def test_pointer_moves_only_after_every_worker_shard(
     namespace = f"test-{uuid.uuid4().hex[:8]}"
     monitor = CheckpointMonitor.get_actor(namespace, root.url, root.storage_options)
     worker_cls = ray.remote(num_cpus=0)(ShardWorker)
-    workers = [worker_cls.remote(namespace, root.url, root.storage_options, r) for r in range(WORKERS)]
+    workers = [
+        worker_cls.remote(namespace, root.url, root.storage_options, r) for r in range(WORKERS)
+    ]
     reader = CheckpointReader(root.url)
 
     for step in (1, 2):
         gates = [str(tmp_path / f"gate-{step}-{r}") for r in range(WORKERS)]
-        ray.get([w.save.remote(step, g) for w, g in zip(workers, gates)])
+        ray.get([w.save.remote(step, g) for w, g in zip(workers, gates, strict=True)])
         for rank, gate in enumerate(gates):
             assert reader.latest_state_dict_step() == (step - 1 or None)
             open(gate, "w").close()

@@ -56,7 +56,7 @@ def test_reader_loads_committed_step_and_catches_corruption(root: CheckpointRoot
     data = bytearray(storage.read_bytes("global_step_4/model.pt"))
     data[len(data) // 2] ^= 0xFF
     storage.fs.pipe_file(storage.full_path("global_step_4/model.pt"), bytes(data))
-    with pytest.raises(CorruptCheckpoint, match="model.pt"):
+    with pytest.raises(CorruptCheckpoint, match=r"model\.pt"):
         reader.load(4, "model.pt")
     report = reader.verify(4)
     assert not report.ok and "manifest" in str(report.problems[0])

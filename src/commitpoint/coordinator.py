@@ -131,17 +131,19 @@ class CheckpointCoordinator:
             self._refuse_committed_step(step, is_state_dict)
             save_fn()
             records = self._storage.take_records(step_dir(step))
-            self._monitor.call(
-                "notify_finished", step, is_state_dict, name=name, files=records
-            )
+            self._monitor.call("notify_finished", step, is_state_dict, name=name, files=records)
             return None
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach wait_all
+        except BaseException as exc:  # every failure must reach wait_all
             self._storage.take_records(step_dir(step))
             logger.error("save %r of step %d failed: %s: %s", name, step, type(exc).__name__, exc)
             try:
                 self._monitor.call(
-                    "notify_failed", step, is_state_dict, name=name,
-                    error=f"{type(exc).__name__}: {exc}", started=started,
+                    "notify_failed",
+                    step,
+                    is_state_dict,
+                    name=name,
+                    error=f"{type(exc).__name__}: {exc}",
+                    started=started,
                 )
             except Exception as report_exc:  # the monitor itself is gone; still fail loudly
                 logger.error("could not report failed save %r to the monitor: %s", name, report_exc)
@@ -195,7 +197,8 @@ class CheckpointCoordinator:
         """Tell the monitor how many saves ``global_step`` has, and to commit it when done."""
         self._check_registration(global_step, state_dict_thread_count, checkpoint_thread_count)
         await self._monitor.acall(
-            "register_thread_count", global_step,
+            "register_thread_count",
+            global_step,
             state_dict_thread_count=state_dict_thread_count,
             checkpoint_thread_count=checkpoint_thread_count,
         )
@@ -213,7 +216,8 @@ class CheckpointCoordinator:
         """:meth:`register_and_monitor` for callers without an event loop."""
         self._check_registration(global_step, state_dict_thread_count, checkpoint_thread_count)
         self._monitor.call(
-            "register_thread_count", global_step,
+            "register_thread_count",
+            global_step,
             state_dict_thread_count=state_dict_thread_count,
             checkpoint_thread_count=checkpoint_thread_count,
         )

@@ -14,6 +14,7 @@ import copy
 import logging
 import sys
 import time
+from functools import partial
 from typing import Any
 
 from commitpoint.coordinator import CheckpointCoordinator
@@ -32,12 +33,18 @@ def _say(text: str) -> None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="commitpoint demo", description=__doc__.split("\n")[0])
     parser.add_argument("--storage", default="./checkpoints", help="checkpoint root URL")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="storage option (repeatable), e.g. endpoint_url=http://...")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="storage option (repeatable), e.g. endpoint_url=http://...",
+    )
     parser.add_argument("--steps", type=int, default=40, help="training steps to run")
     parser.add_argument("--save-every", type=int, default=5, help="state dict every N steps")
-    parser.add_argument("--checkpoint-every", type=int, default=10,
-                        help="full checkpoint every N steps")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=10, help="full checkpoint every N steps"
+    )
     parser.add_argument("--hidden", type=int, default=256, help="hidden width of the model")
     parser.add_argument("--ray", action="store_true", help="run the monitor as a Ray actor")
     parser.add_argument("--verbose", action="store_true", help="log commits as they happen")
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         x, y = _batch(step)
         loss = torch.nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         loss_value = loss.item()
 
@@ -162,21 +169,14 @@ def run(args: argparse.Namespace) -> int:
         weights = _cpu_copy(model.state_dict())
         folder = step_dir(step)
         coordinator.save_async(
-            "model", lambda w=weights, f=folder: save_torch(storage, f"{f}/model.pt", w),
-            step, is_state_dict=True,
+            "model", partial(save_torch, storage, f"{folder}/model.pt", weights), step, True
         )
         if full:
             optim_state = _cpu_copy(optimizer.state_dict())
             trainer_state = {"step": step, "loss": loss_value}
-            coordinator.save_async(
-                "optimizer", lambda o=optim_state, f=folder: save_torch(storage, f"{f}/optimizer.pt", o),
-                step,
-            )
-            coordinator.save_async(
-                "trainer_state",
-                lambda t=trainer_state, f=folder: save_torch(storage, f"{f}/trainer_state.pt", t),
-                step,
-            )
+            for name, obj in (("optimizer", optim_state), ("trainer_state", trainer_state)):
+                save = partial(save_torch, storage, f"{folder}/{name}.pt", obj)
+                coordinator.save_async(name, save, step)
             coordinator.register_and_monitor_sync(
                 step, False, state_dict_thread_count=1, checkpoint_thread_count=2
             )
@@ -185,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
             coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1)
         stall += time.perf_counter() - began
         latest = coordinator.latest_steps()
+        kind = "checkpoint" if full else "weights"
         _say(
-            f"step {step:4d}  loss {loss_value:.4f}  saved {'checkpoint' if full else 'weights':10s}"
+            f"step {step:4d}  loss {loss_value:.4f}  saved {kind:10s}"
             f"  committed: weights {latest['state_dict']}, checkpoint {latest['checkpoint']}"
         )
 
@@ -194,28 +195,32 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     latest = coordinator.latest_steps()
     _say(
-        f"trained {args.steps} steps in {elapsed:.2f} s; training was blocked {stall * 1000:.1f} ms "
-        f"in total by checkpointing (including its own state-dict copies)"
+        f"trained {args.steps} steps in {elapsed:.2f} s; training was blocked "
+        f"{stall * 1000:.1f} ms in total by checkpointing (including its own state-dict copies)"
     )
     _say(f"committed: weights step {latest['state_dict']}, checkpoint step {latest['checkpoint']}")
 
     # A restarted job: fresh model and optimizer, restored from the newest full checkpoint.
-    step = reader.latest_checkpoint_step()
-    if step is None or step not in saved:
+    final = reader.latest_checkpoint_step()
+    if final is None or final not in saved:
         _say("no full checkpoint was committed by this run; nothing to resume from")
         return 1
-    report = reader.verify(step, "checkpoint")
-    _say(f"verify step {step}: {report.files} files, {report.bytes} bytes, "
-         f"{'ok' if report.ok else 'PROBLEMS: ' + '; '.join(map(str, report.problems))}")
+    report = reader.verify(final, "checkpoint")
+    _say(
+        f"verify step {final}: {report.files} files, {report.bytes} bytes, "
+        f"{'ok' if report.ok else 'PROBLEMS: ' + '; '.join(map(str, report.problems))}"
+    )
     fresh = _model(args.hidden)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    fresh.load_state_dict(reader.load(step, "model.pt", kind="checkpoint"))
-    fresh_optimizer.load_state_dict(reader.load(step, "optimizer.pt", kind="checkpoint"))
-    same = _equal(fresh.state_dict(), saved[step]["model"]) and _equal(
-        fresh_optimizer.state_dict()["state"], saved[step]["optimizer"]["state"]
+    fresh.load_state_dict(reader.load(final, "model.pt", kind="checkpoint"))
+    fresh_optimizer.load_state_dict(reader.load(final, "optimizer.pt", kind="checkpoint"))
+    same = _equal(fresh.state_dict(), saved[final]["model"]) and _equal(
+        fresh_optimizer.state_dict()["state"], saved[final]["optimizer"]["state"]
     )
-    _say(f"resumed from step {step}: restored weights and optimizer state "
-         f"{'equal' if same else 'DIFFER FROM'} the saved ones")
+    _say(
+        f"resumed from step {final}: restored weights and optimizer state "
+        f"{'equal' if same else 'DIFFER FROM'} the saved ones"
+    )
     if args.ray:
         import ray
 

@@ -118,4 +118,6 @@ def build_manifest(
 
 
 def write_manifest(storage: StorageBackend, manifest: Manifest) -> None:
-    storage.write_bytes(manifest_path(manifest.step, manifest.kind), manifest.to_json(), track=False)
+    storage.write_bytes(
+        manifest_path(manifest.step, manifest.kind), manifest.to_json(), track=False
+    )

@@ -67,8 +67,11 @@ class _StepState:
     def done(self) -> bool:
         if not all(self.balanced(k) for k in Kind) or self.committing:
             return False
-        return all(k in self.committed or self.failed[k] or self.failed[Kind.STATE_DICT]
-                   for k in Kind if self.monitored(k)) and any(self.monitored(k) for k in Kind)
+        return all(
+            k in self.committed or self.failed[k] or self.failed[Kind.STATE_DICT]
+            for k in Kind
+            if self.monitored(k)
+        ) and any(self.monitored(k) for k in Kind)
 
     def quiet(self) -> bool:
         """No save of any kind is known to be running: listing the folder is safe."""
@@ -113,8 +116,11 @@ class CheckpointMonitor:
         )
         logger.info(
             "checkpoint monitor on %s (strategy %s, epoch %d): latest state dict %s, checkpoint %s",
-            self._storage.url, self._strategy.value, self._lease.epoch,
-            self._latest[Kind.STATE_DICT], self._latest[Kind.CHECKPOINT],
+            self._storage.url,
+            self._strategy.value,
+            self._lease.epoch,
+            self._latest[Kind.STATE_DICT],
+            self._latest[Kind.CHECKPOINT],
         )
 
     # -- Ray ----------------------------------------------------------------------------------
@@ -145,8 +151,12 @@ class CheckpointMonitor:
             "num_cpus": 0,
         }
         options.update(actor_options)
-        return ray.remote(cls).options(**options).remote(
-            storage_url, dict(storage_options or {}), SaveStrategy(save_strategy), retention
+        return (
+            ray.remote(cls)
+            .options(**options)
+            .remote(
+                storage_url, dict(storage_options or {}), SaveStrategy(save_strategy), retention
+            )
         )
 
     # -- queries ------------------------------------------------------------------------------
@@ -184,8 +194,10 @@ class CheckpointMonitor:
     ) -> None:
         """Announce that this many saves of each kind belong to ``step`` (adds up over calls)."""
         check_step(step)
-        for what, count in (("state_dict_thread_count", state_dict_thread_count),
-                            ("checkpoint_thread_count", checkpoint_thread_count)):
+        for what, count in (
+            ("state_dict_thread_count", state_dict_thread_count),
+            ("checkpoint_thread_count", checkpoint_thread_count),
+        ):
             check_step(count, what)
         with self._lock:
             state = self._state(step)
@@ -316,7 +328,9 @@ class CheckpointMonitor:
         with self._lock:
             state = self._steps[step]
             records = list(state.records.values())
-            quiet = state.quiet() and (kind is Kind.CHECKPOINT or not state.monitored(Kind.CHECKPOINT))
+            quiet = state.quiet() and (
+                kind is Kind.CHECKPOINT or not state.monitored(Kind.CHECKPOINT)
+            )
         with self._commit_lock:
             self._lease.check()
             if kind is Kind.CHECKPOINT:
@@ -324,8 +338,12 @@ class CheckpointMonitor:
                 if earlier is not None:
                     records = [*earlier.files, *records]
             manifest = build_manifest(
-                self._storage, step, kind, records,
-                include_listing=quiet, writer_epoch=self._lease.epoch,
+                self._storage,
+                step,
+                kind,
+                records,
+                include_listing=quiet,
+                writer_epoch=self._lease.epoch,
             )
             write_manifest(self._storage, manifest)
             moved = [self._advance(kind, step)]
@@ -337,7 +355,10 @@ class CheckpointMonitor:
                 state.committed.add(Kind.STATE_DICT)
         logger.info(
             "committed %s of step %d (%d files, %d bytes)%s",
-            kind.value, step, len(manifest.files), manifest.total_bytes,
+            kind.value,
+            step,
+            len(manifest.files),
+            manifest.total_bytes,
             "" if any(moved) else "; a later step was already committed",
         )
 
@@ -355,13 +376,16 @@ class CheckpointMonitor:
         return result is Advance.MOVED
 
     def _apply_retention(self) -> None:
+        if self._retention is None:
+            return
         with self._lock:
             in_flight = set(self._steps)
         try:
             self._retention.apply(self._storage, in_flight=in_flight)
         except Exception:
-            logger.exception("retention on %s failed; nothing more is deleted this round",
-                             self._storage.url)
+            logger.exception(
+                "retention on %s failed; nothing more is deleted this round", self._storage.url
+            )
 
     def close(self) -> None:
         """Stop background retention work (waiting for a round in progress)."""

@@ -57,17 +57,17 @@ def check_record(storage: StorageBackend, record: FileRecord) -> Problem | None:
     if record.checksum is None or record.algorithm is None:
         info = storage.fs.info(storage.full_path(record.path))
         size = int(info.get("size") or 0)
-        return None if size == record.size else Problem(
-            record.path, f"size {size} != manifest size {record.size}"
+        return (
+            None
+            if size == record.size
+            else Problem(record.path, f"size {size} != manifest size {record.size}")
         )
     with storage.open_read(record.path) as stream:
         size, checksum = checksum_stream(stream, record.algorithm)
     if size != record.size:
         return Problem(record.path, f"size {size} != manifest size {record.size}")
     if checksum != record.checksum:
-        return Problem(
-            record.path, f"{record.algorithm} {checksum} != manifest {record.checksum}"
-        )
+        return Problem(record.path, f"{record.algorithm} {checksum} != manifest {record.checksum}")
     return None
 
 

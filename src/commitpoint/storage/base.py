@@ -106,7 +106,9 @@ class FsspecWriter:
         try:
             self._storage._abort_raw_write(self._raw, self.path)
         except Exception:
-            logger.warning("could not discard partial write of %s", self._storage.url_for(self.path))
+            logger.warning(
+                "could not discard partial write of %s", self._storage.url_for(self.path)
+            )
 
     def __enter__(self) -> FsspecWriter:
         return self
@@ -180,7 +182,9 @@ class FsspecStorage:
         """Map a store error to a :class:`StorageError` naming the URL (backends refine this)."""
         if isinstance(exc, CommitpointError):
             return exc
-        return StorageError(operation, self.url_for(relpath) if relpath else self._url, _describe(exc))
+        return StorageError(
+            operation, self.url_for(relpath) if relpath else self._url, _describe(exc)
+        )
 
     # -- streaming writes -------------------------------------------------------------------
     def _open_raw_write(self, full: str) -> Any:

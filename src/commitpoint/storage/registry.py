@@ -1,4 +1,4 @@
-"""Find a storage backend for a URL by its scheme, through the ``commitpoint.backends`` entry points.
+"""Find the storage backend for a URL by its scheme, through the ``commitpoint.backends`` group.
 
 The core registers ``file`` and ``memory``; plug-in distributions (``commitpoint-s3``,
 ``commitpoint-gcs``, or anyone's) register their schemes the same way. The core never imports a

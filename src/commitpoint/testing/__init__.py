@@ -52,7 +52,9 @@ class CheckpointRoot:
     def reader(self) -> CheckpointReader:
         return CheckpointReader(self.url, **self.storage_options)
 
-    def monitor(self, save_strategy: SaveStrategy | str = SaveStrategy.UNRESTRICTED) -> CheckpointMonitor:
+    def monitor(
+        self, save_strategy: SaveStrategy | str = SaveStrategy.UNRESTRICTED
+    ) -> CheckpointMonitor:
         return CheckpointMonitor(self.url, self.storage_options, save_strategy)
 
     # -- assertions helpers ---------------------------------------------------------------
