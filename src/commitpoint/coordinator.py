@@ -43,10 +43,6 @@ def _check_save_fn(save_fn: object) -> SaveFn:
     return save_fn
 
 
-def _check_count(value: object, what: str) -> int:
-    return check_step(value, what)
-
-
 class CheckpointCoordinator:
     """Runs saves in the background and reports them to a :class:`CheckpointMonitor`.
 
@@ -195,14 +191,14 @@ class CheckpointCoordinator:
         participants: int = 1,
     ) -> None:
         """Tell the monitor how many saves ``global_step`` has, and to commit it when done."""
-        self._check_registration(global_step, state_dict_thread_count, checkpoint_thread_count)
-        await self._monitor.acall(
-            "register_thread_count",
+        for method, args, kwargs in self._registration(
             global_step,
-            state_dict_thread_count=state_dict_thread_count,
-            checkpoint_thread_count=checkpoint_thread_count,
-        )
-        await self._monitor.acall("monitor_step", global_step, bool(is_state_dict), participants)
+            is_state_dict,
+            state_dict_thread_count,
+            checkpoint_thread_count,
+            participants,
+        ):
+            await self._monitor.acall(method, *args, **kwargs)
 
     def register_and_monitor_sync(
         self,
@@ -214,20 +210,31 @@ class CheckpointCoordinator:
         participants: int = 1,
     ) -> None:
         """:meth:`register_and_monitor` for callers without an event loop."""
-        self._check_registration(global_step, state_dict_thread_count, checkpoint_thread_count)
-        self._monitor.call(
-            "register_thread_count",
+        for method, args, kwargs in self._registration(
             global_step,
-            state_dict_thread_count=state_dict_thread_count,
-            checkpoint_thread_count=checkpoint_thread_count,
-        )
-        self._monitor.call("monitor_step", global_step, bool(is_state_dict), participants)
+            is_state_dict,
+            state_dict_thread_count,
+            checkpoint_thread_count,
+            participants,
+        ):
+            self._monitor.call(method, *args, **kwargs)
 
     @staticmethod
-    def _check_registration(step: int, state_dicts: int, checkpoints: int) -> None:
+    def _registration(
+        step: int, is_state_dict: bool, state_dicts: int, checkpoints: int, participants: int
+    ) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+        """The two monitor calls of a registration, after checking every argument."""
         check_step(step)
-        _check_count(state_dicts, "state_dict_thread_count")
-        _check_count(checkpoints, "checkpoint_thread_count")
+        counts = {
+            "state_dict_thread_count": check_step(state_dicts, "state_dict_thread_count"),
+            "checkpoint_thread_count": check_step(checkpoints, "checkpoint_thread_count"),
+        }
+        if check_step(participants, "participants") < 1:
+            raise InvalidArgument("participants must be at least 1")
+        return [
+            ("register_thread_count", (step,), counts),
+            ("monitor_step", (step, bool(is_state_dict), participants), {}),
+        ]
 
     def latest_steps(self) -> dict[str, int | None]:
         """Latest committed steps as the monitor knows them."""

@@ -103,18 +103,24 @@ class LocalBackend(FsspecStorage):
         finally:
             os.close(fd)
 
-    def read_pointer(self, name: str) -> PointerState:
-        path = self.full_path(name)
+    def _read_raw(self, name: str) -> tuple[bytes, str] | None:
+        """Pointer bytes and their token (inode + mtime + content), or None if absent."""
         try:
-            with open(path, "rb") as f:
+            with open(self.full_path(name), "rb") as f:
                 data = f.read()
                 stat = os.fstat(f.fileno())
         except FileNotFoundError:
-            return PointerState(None, None)
+            return None
+        return data, f"{stat.st_ino}:{stat.st_mtime_ns}:{data.hex()}"
+
+    def read_pointer(self, name: str) -> PointerState:
+        try:
+            raw = self._read_raw(name)
         except OSError as exc:
             raise self._translate_error("read pointer", name, exc) from exc
-        token = f"{stat.st_ino}:{stat.st_mtime_ns}:{data.hex()}"
-        return PointerState(self._decode_pointer(name, data), token)
+        if raw is None:
+            return PointerState(None, None)
+        return PointerState(self._decode_pointer(name, raw[0]), raw[1])
 
     def write_pointer_if(self, name: str, value: int, token: str | None) -> str:
         name = safe_relpath(name)
@@ -149,12 +155,6 @@ class LocalBackend(FsspecStorage):
         return new_token
 
     def _current_token(self, name: str) -> str | None:
-        """The token of the pointer as it is now, tolerating unparsable content (compared raw)."""
-        path = self.full_path(name)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-                stat = os.fstat(f.fileno())
-        except FileNotFoundError:
-            return None
-        return f"{stat.st_ino}:{stat.st_mtime_ns}:{data.hex()}"
+        """The token of the pointer as it is now, tolerating unparsable content."""
+        raw = self._read_raw(name)
+        return None if raw is None else raw[1]
