@@ -24,6 +24,7 @@ from commitpoint.manifest import Manifest
 from commitpoint.monitor import CheckpointMonitor
 from commitpoint.pointer import advance_pointer, read_step, rewind_pointer
 from commitpoint.reader import CheckpointReader
+from commitpoint.retention import RetentionPolicy, RetentionResult
 from commitpoint.storage import (
     FileInfo,
     FileRecord,
@@ -58,6 +59,8 @@ __all__ = [
     "Kind",
     "Manifest",
     "PointerState",
+    "RetentionPolicy",
+    "RetentionResult",
     "SaveFailed",
     "SaveStrategy",
     "StepRegression",

@@ -322,7 +322,10 @@ class CheckpointMonitor:
                             state.committing.discard(Kind.STATE_DICT)
                         self._prune(step)
         if kinds and self._retention_pool is not None:
-            self._retention_pool.submit(self._apply_retention)
+            try:
+                self._retention_pool.submit(self._apply_retention)
+            except RuntimeError:  # closed: the commit stands, retention just does not run
+                logger.debug("monitor closed; no retention round after step %d", step)
 
     def _commit(self, step: int, kind: Kind) -> None:
         with self._lock:

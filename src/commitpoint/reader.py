@@ -6,6 +6,7 @@ half-written checkpoint. Loads verify the file against the step's manifest by de
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from commitpoint.layout import Kind, check_step, safe_relpath, step_dir
@@ -14,6 +15,7 @@ from commitpoint.storage.protocol import StorageBackend
 from commitpoint.storage.registry import open_storage
 from commitpoint.torch_io import load_torch
 from commitpoint.verify import VerifyReport, load_manifest, verify_file, verify_step
+from commitpoint.watch import awatch, watch
 
 
 class CheckpointReader:
@@ -72,3 +74,12 @@ class CheckpointReader:
         if verify:
             verify_file(self.storage, step, path, Kind(kind))
         return load_torch(self.storage, path, map_location=map_location, weights_only=weights_only)
+
+    def watch(self, **options: Any) -> Iterator[int]:
+        """Yield each newly committed, verified state-dict step (:func:`commitpoint.watch.watch`
+        takes the options: kind, after, include_current, every_step, interval, stop, timeout...)."""
+        return watch(self.storage, **options)
+
+    def awatch(self, **options: Any) -> AsyncIterator[int]:
+        """:meth:`watch` as an async iterator (:func:`commitpoint.watch.awatch`)."""
+        return awatch(self.storage, **options)

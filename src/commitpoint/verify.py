@@ -7,6 +7,7 @@ story. :func:`verify_file` checks a single file, which is what a reader's load d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from commitpoint.checksum import checksum_stream
@@ -80,10 +81,25 @@ def load_manifest(storage: StorageBackend, step: int, kind: Kind) -> Manifest:
     return manifest
 
 
-def verify_step(storage: StorageBackend, step: int, kind: Kind = Kind.STATE_DICT) -> VerifyReport:
-    """Check every file of ``step``'s manifest; a missing manifest raises CorruptCheckpoint."""
+def verify_step(
+    storage: StorageBackend,
+    step: int,
+    kind: Kind = Kind.STATE_DICT,
+    *,
+    progress: Callable[[FileRecord], None] | None = None,
+) -> VerifyReport:
+    """Check every file of ``step``'s manifest; a missing manifest raises CorruptCheckpoint.
+
+    ``progress`` is called with each record once it has been checked (the CLI's progress bar).
+    """
     manifest = load_manifest(storage, step, kind)
-    problems = [p for r in manifest.files if (p := check_record(storage, r)) is not None]
+    problems = []
+    for record in manifest.files:
+        problem = check_record(storage, record)
+        if problem is not None:
+            problems.append(problem)
+        if progress is not None:
+            progress(record)
     return VerifyReport(step, kind, len(manifest.files), manifest.total_bytes, tuple(problems))
 
 

@@ -1,0 +1,288 @@
+"""Retention: delete old committed steps by policy, and garbage-collect orphaned step folders.
+
+A :class:`RetentionPolicy` keeps a committed step if *either* of its rules keeps it (the newest
+``keep_last`` steps, every step divisible by ``keep_every``); with neither rule set it keeps every
+committed step and only collects orphans. Whatever the policy says, a step is never deleted when
+
+- a pointer names it (pointers are read fresh from storage right before each deletion, and once
+  more after its manifest is gone: if a rewind moved a pointer onto it meanwhile, the manifest is
+  put back and the step is kept),
+- it is in flight (the monitor passes the steps it still tracks),
+- it is above the newest pointer (a commit in progress, or steps left behind by a rewind),
+- it is the target of the latest rewind of a kind (read from the rewind history).
+
+An *orphan* is a step folder without any manifest (never committed, or half deleted), below every
+pointer, not in flight, and whose newest file is older than ``orphan_min_age_s`` — so a save the
+monitor has not heard of yet is safe while it writes.
+
+A step is deleted manifest-first: a half-deleted step has no manifest, so it is never seen as
+committed or verifiable; the next round collects the rest as an orphan.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from commitpoint.errors import InvalidArgument
+from commitpoint.layout import REWIND_HISTORY, Kind, parse_step_dir, step_dir
+from commitpoint.manifest import manifest_path
+from commitpoint.storage.protocol import StorageBackend
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ORPHAN_MIN_AGE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    """What one :meth:`RetentionPolicy.apply` did (or, with ``dry_run``, would do)."""
+
+    deleted: tuple[int, ...] = ()
+    """Committed steps deleted by the policy."""
+    orphans: tuple[int, ...] = ()
+    """Orphaned step folders collected."""
+    kept: tuple[int, ...] = ()
+    """Committed steps kept (by a rule or because they are protected)."""
+    protected: tuple[int, ...] = ()
+    """Steps the policy would drop but that a pointer, a rewind or a save in flight protects."""
+    dry_run: bool = False
+    errors: tuple[str, ...] = field(default_factory=tuple)
+    """Steps that could not be deleted, with the cause (they are retried next round)."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    step: int
+    kinds: frozenset[Kind]
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which committed steps to keep; see the module docstring for what is always protected."""
+
+    keep_last: int | None = None
+    keep_every: int | None = None
+    gc_orphans: bool = True
+    orphan_min_age_s: float = DEFAULT_ORPHAN_MIN_AGE_S
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise InvalidArgument(f"{name} must be a positive int or None, got {value!r}")
+        if self.orphan_min_age_s < 0:
+            raise InvalidArgument(f"orphan_min_age_s must be >= 0, got {self.orphan_min_age_s}")
+
+    def kept_by_rules(self, committed: Collection[int]) -> set[int]:
+        """The steps of ``committed`` a rule keeps (all of them when no rule is set)."""
+        if self.keep_last is None and self.keep_every is None:
+            return set(committed)
+        kept = set(sorted(committed)[-self.keep_last :]) if self.keep_last is not None else set()
+        if self.keep_every is not None:
+            kept.update(s for s in committed if s % self.keep_every == 0)
+        return kept
+
+    def apply(
+        self,
+        storage: StorageBackend,
+        *,
+        in_flight: Collection[int] = (),
+        dry_run: bool = False,
+    ) -> RetentionResult:
+        """Delete what the policy drops and collect orphans; return what was (or would be) done."""
+        in_flight = frozenset(in_flight)
+        steps = _scan(storage)
+        pointers = _pointers(storage)
+        if not pointers:
+            logger.debug("retention on %s: nothing committed yet", storage.url)
+            return RetentionResult(dry_run=dry_run)
+        newest = max(pointers.values())
+        committed = sorted(s.step for s in steps if s.kinds and s.step <= newest)
+        rewound = _rewind_targets(storage)
+        deleted: list[int] = []
+        orphans: list[int] = []
+        kept: list[int] = []
+        protected: list[int] = []
+        errors: list[str] = []
+
+        by_rules = self.kept_by_rules(committed)
+        for step in committed:
+            if step in by_rules:
+                kept.append(step)
+            elif step in in_flight or step in pointers.values() or step in rewound:
+                kept.append(step)
+                protected.append(step)
+            elif dry_run:
+                deleted.append(step)
+            else:
+                outcome = _delete_step(storage, step, in_flight)
+                if outcome is None:
+                    deleted.append(step)
+                else:
+                    kept.append(step)
+                    protected.append(step)
+                    if outcome:
+                        errors.append(outcome)
+
+        if self.gc_orphans:
+            below = min(pointers.values())
+            now = time.time()
+            for entry in steps:
+                step = entry.step
+                if entry.kinds or step >= below or step in in_flight:
+                    continue
+                age = _age(storage, step, now)
+                if age is None or age < self.orphan_min_age_s:
+                    logger.debug("step %d has no manifest but may still be written", step)
+                    continue
+                if dry_run:
+                    orphans.append(step)
+                    continue
+                outcome = _delete_orphan(storage, step)
+                if outcome is None:
+                    orphans.append(step)
+                elif outcome:
+                    errors.append(outcome)
+
+        result = RetentionResult(
+            tuple(deleted), tuple(orphans), tuple(kept), tuple(protected), dry_run, tuple(errors)
+        )
+        if deleted or orphans:
+            logger.info(
+                "retention on %s %s steps %s and orphans %s",
+                storage.url,
+                "would delete" if dry_run else "deleted",
+                list(deleted),
+                list(orphans),
+            )
+        return result
+
+
+def _scan(storage: StorageBackend) -> list[_Step]:
+    """Every step folder under the root with the kinds it has manifests for."""
+    found: list[_Step] = []
+    for name in storage.list_dirs(""):
+        step = parse_step_dir(name)
+        if step is None:
+            continue
+        kinds = frozenset(k for k in Kind if storage.exists(manifest_path(step, k)))
+        found.append(_Step(step, kinds))
+    return sorted(found, key=lambda s: s.step)
+
+
+def _pointers(storage: StorageBackend) -> dict[Kind, int]:
+    """The steps the pointers name right now (absent pointers left out)."""
+    named: dict[Kind, int] = {}
+    for kind in Kind:
+        value = storage.read_pointer(kind.pointer).value
+        if value is not None:
+            named[kind] = value
+    return named
+
+
+def _rewind_targets(storage: StorageBackend) -> frozenset[int]:
+    """The target of the latest rewind of each kind, per the rewind history."""
+    try:
+        if not storage.exists(REWIND_HISTORY):
+            return frozenset()
+        data = storage.read_bytes(REWIND_HISTORY)
+    except Exception as exc:  # history is a safety net; a pointer still protects the step
+        logger.warning("could not read the rewind history of %s: %s", storage.url, exc)
+        return frozenset()
+    latest: dict[str, int] = {}
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+            latest[str(entry["kind"])] = int(entry["to"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return frozenset(latest.values())
+
+
+def _delete_step(storage: StorageBackend, step: int, in_flight: Collection[int]) -> str | None:
+    """Delete a committed step manifest-first; None when deleted, else why it was kept ("" if
+    a pointer or save protects it, or the error)."""
+    if step in in_flight or step in _pointers(storage).values():
+        return ""
+    saved: dict[str, bytes] = {}
+    try:
+        for kind in Kind:
+            path = manifest_path(step, kind)
+            if storage.exists(path):
+                saved[path] = storage.read_bytes(path)
+        # The manifest of the full checkpoint first: it also covers the state dict.
+        for path in sorted(saved, key=lambda p: Kind.CHECKPOINT.manifest not in p):
+            storage.delete(path)
+        if step in _pointers(storage).values():
+            for path, data in saved.items():
+                storage.write_bytes(path, data, track=False)
+            logger.info("step %d became a pointer target while being deleted; kept", step)
+            return ""
+        storage.delete(step_dir(step), recursive=True)
+    except Exception as exc:
+        logger.warning("could not delete step %d on %s: %s", step, storage.url, exc)
+        return f"step {step}: {exc}"
+    return None
+
+
+def _delete_orphan(storage: StorageBackend, step: int) -> str | None:
+    try:
+        if any(storage.exists(manifest_path(step, k)) for k in Kind):
+            return ""  # committed meanwhile
+        storage.delete(step_dir(step), recursive=True)
+    except Exception as exc:
+        logger.warning("could not delete orphan step %d on %s: %s", step, storage.url, exc)
+        return f"step {step}: {exc}"
+    return None
+
+
+def _timestamp(info: Mapping[str, Any]) -> float | None:
+    """Modification time of a listed entry, whatever the fsspec filesystem calls it."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, _dt.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=_dt.timezone.utc)
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+            return parsed.timestamp()
+    return None
+
+
+def _age(storage: StorageBackend, step: int, now: float) -> float | None:
+    """Seconds since anything in ``step``'s folder last changed (None if unknown)."""
+    base = storage.full_path(step_dir(step))
+    try:
+        found: dict[str, Any] = storage.fs.find(base, detail=True)
+        if not found:  # an empty folder (local disk): its own time
+            found = {base: storage.fs.info(base)}
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        logger.warning("could not list step %d on %s: %s", step, storage.url, exc)
+        return None
+    stamps = [_timestamp(info) for info in found.values()]
+    if not stamps or any(s is None for s in stamps):
+        return None
+    return now - max(s for s in stamps if s is not None)
+
+
+__all__ = ["DEFAULT_ORPHAN_MIN_AGE_S", "RetentionPolicy", "RetentionResult"]
