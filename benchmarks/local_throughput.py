@@ -1,0 +1,229 @@
+"""Local write throughput: a full commitpoint save against the disk's own limit, in the same run.
+
+For each state-dict size, every run writes the same state dict four ways, one after the other:
+
+- **disk limit**: the same number of bytes written with ``os.write`` (8 MiB chunks) + ``fsync``;
+- **disk limit, O_DIRECT**: the same bytes (rounded up to 4 KiB) written with ``O_DIRECT``,
+  bypassing the page cache. Where buffered writes are throttled (dirty-page limits of a memory
+  cgroup, say) this is the higher, truer limit;
+- **commitpoint**: ``save_torch`` through the local backend (checksummed, fsynced) and the
+  commit (manifest + pointer), timed from the call to the committed pointer;
+- **torch.save + fsync** of the same state dict to a plain file;
+- **DCP save** (``FileSystemWriter``, ``no_dist=True``, fsync on by default);
+- a diagnostic: **torch.save into a writer that discards the bytes** (serialization alone,
+  including the CRC32 that torch's zip format computes for every record) — the part of a
+  torch-format save that no storage can speed up.
+
+Figures are GB/s (10^9 bytes/s of the serialized file size); ``ratio`` is each method's median
+over the buffered disk limit's median, ``ratio_direct`` over the O_DIRECT limit's. The goal for
+commitpoint (>= 0.9) is judged against the higher of the two limits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import mmap
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    MiB,
+    Row,
+    base_parser,
+    format_size,
+    fsync_path,
+    make_state_dict,
+    repeats_from,
+    report,
+    row,
+    scratch_dir,
+    sizes_from,
+    throughput,
+)
+
+NAME = "local_throughput"
+GOAL = 0.9
+CHUNK = 8 * MiB
+
+
+def disk_limit(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` of random bytes with os.write and fsync them."""
+    chunk = os.urandom(CHUNK)
+    view = memoryview(chunk)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, view[: min(left, CHUNK)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
+
+
+def disk_limit_direct(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` (rounded up to 4 KiB) with O_DIRECT from an aligned buffer."""
+    buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT requires
+    buffer.write(os.urandom(CHUNK))
+    view = memoryview(buffer)
+    total = -(-nbytes // 4096) * 4096
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        left = total
+        while left > 0:
+            left -= os.write(fd, view[: min(left, CHUNK)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        view.release()
+        buffer.close()
+    return time.perf_counter() - start
+
+
+def commitpoint_save(root: Path, sd: dict[str, Any], step: int) -> tuple[float, int]:
+    from commitpoint import CheckpointCoordinator, CheckpointMonitor, save_torch
+
+    monitor = CheckpointMonitor(str(root))
+    coordinator = CheckpointCoordinator(monitor)
+    storage = coordinator.storage
+    path = f"{coordinator.step_dir(step)}/model.pt"
+    start = time.perf_counter()
+    coordinator.save_sync(lambda: save_torch(storage, path, sd), step, True)
+    coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1)
+    seconds = time.perf_counter() - start
+    if monitor.latest_state_dict_step() != step:
+        raise RuntimeError(f"step {step} was not committed under {root}")
+    return seconds, os.path.getsize(root / path)
+
+
+def torch_save(path: Path, sd: dict[str, Any]) -> float:
+    import torch
+
+    start = time.perf_counter()
+    torch.save(sd, path)
+    fsync_path(path)
+    return time.perf_counter() - start
+
+
+def dcp_save(path: Path, sd: dict[str, Any]) -> float:
+    dcp: Any = importlib.import_module("torch.distributed.checkpoint")
+
+    start = time.perf_counter()
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
+    return time.perf_counter() - start
+
+
+class _NullWriter:
+    """A file-like sink: what torch.save costs before any byte reaches storage."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        size = memoryview(data).nbytes
+        self.size += size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+
+def serialize_only(sd: dict[str, Any], writer: _NullWriter | None = None) -> float:
+    import torch
+
+    sink: Any = writer or _NullWriter()  # file-like enough for torch.save, not an IO[bytes]
+    start = time.perf_counter()
+    torch.save(sd, sink)
+    return time.perf_counter() - start
+
+
+def measure(size: int, repeats: int) -> list[Row]:
+    """Each run writes the state dict every way; the order rotates from run to run, so a burst
+    of activity from other jobs on the machine does not always hit the same method."""
+    sd = make_state_dict(size)
+    case = format_size(size)
+    sink = _NullWriter()
+    serialize_only(sd, sink)
+    nbytes = sink.size
+    seconds: dict[str, list[float]] = {
+        k: [] for k in ("limit", "direct", "commitpoint", "torch", "dcp", "serialize")
+    }
+    with scratch_dir(NAME) as scratch:
+
+        def run_one(method: str, run: int) -> float:
+            target = scratch / f"{method}-{run}"
+            try:
+                if method == "limit":
+                    return disk_limit(target, nbytes)
+                if method == "direct":
+                    return disk_limit_direct(target, nbytes)
+                if method == "commitpoint":
+                    cp_seconds, written = commitpoint_save(target, sd, run + 1)
+                    if written != nbytes:
+                        raise RuntimeError(f"commitpoint wrote {written} bytes, not {nbytes}")
+                    return cp_seconds
+                if method == "torch":
+                    return torch_save(target, sd)
+                if method == "dcp":
+                    return dcp_save(target, sd)
+                return serialize_only(sd)
+            finally:
+                _remove(target)
+
+        methods = list(seconds)
+        for run in range(repeats):
+            shift = run % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                os.sync()
+                seconds[method].append(run_one(method, run))
+    rates = {k: throughput(nbytes, v) for k, v in seconds.items()}
+    limit = statistics.median(rates["limit"])
+    labels = {
+        "limit": "disk limit (os.write + fsync)",
+        "direct": "disk limit, O_DIRECT",
+        "commitpoint": "commitpoint save_torch + commit",
+        "torch": "torch.save + fsync",
+        "dcp": "DCP save (FileSystemWriter)",
+        "serialize": "torch.save to a null writer (no I/O)",
+    }
+    direct = statistics.median(rates["direct"])
+    rows: list[Row] = []
+    for key, values in rates.items():
+        median = statistics.median(values)
+        extra: dict[str, Any] = {
+            "ratio": median / limit,
+            "ratio_to": "this / disk limit (buffered)",
+            "ratio_direct": median / direct,
+            "bytes": nbytes,
+        }
+        if key == "commitpoint":
+            extra["goal"] = f">= {GOAL:g}x the higher disk limit"
+            extra["met"] = median / max(limit, direct) >= GOAL
+        rows.append(row(case, labels[key], "GB/s", values, **extra))
+    return rows
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = base_parser(__doc__).parse_args(argv)
+    repeats = repeats_from(args)
+    rows: list[Row] = []
+    for size in sizes_from(args):
+        rows += measure(size, repeats)
+    return report(NAME, rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
