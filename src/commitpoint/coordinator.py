@@ -122,9 +122,9 @@ class CheckpointCoordinator:
     ) -> SaveFailed | None:
         started = False
         try:
-            self._monitor.call("notify_started", self._node_id, self._job_id)
+            latest = self._monitor.call("notify_started", self._node_id, self._job_id)
             started = True
-            self._refuse_committed_step(step, is_state_dict)
+            self._refuse_committed_step(step, is_state_dict, latest)
             save_fn()
             records = self._storage.take_records(step_dir(step))
             self._monitor.call("notify_finished", step, is_state_dict, name=name, files=records)
@@ -145,14 +145,16 @@ class CheckpointCoordinator:
                 logger.error("could not report failed save %r to the monitor: %s", name, report_exc)
             return SaveFailed(step, name, exc)
 
-    def _refuse_committed_step(self, step: int, is_state_dict: bool) -> None:
+    def _refuse_committed_step(
+        self, step: int, is_state_dict: bool, latest_steps: dict[str, int | None]
+    ) -> None:
         """Never write into a step a pointer already names: its files are committed.
 
         This happens after resuming from an older checkpoint while the state-dict pointer is
         ahead of it; rewind the pointer first (``commitpoint rewind``) to re-train those steps.
         """
         kind = Kind.of(is_state_dict)
-        latest = self._monitor.call("latest_steps")[kind.value]
+        latest = latest_steps[kind.value]
         if latest is not None and step <= latest:
             raise StepRegression(self._storage.url_for(kind.pointer), latest, step)
 

@@ -224,10 +224,16 @@ class CheckpointMonitor:
         self._commit_all(step, ready)
 
     # -- save lifecycle -----------------------------------------------------------------------
-    def notify_started(self, node_id: str, job_id: str, timeout: float | None = None) -> None:
-        """Block until the save strategy lets a save of this node/process start."""
+    def notify_started(
+        self, node_id: str, job_id: str, timeout: float | None = None
+    ) -> dict[str, int | None]:
+        """Block until the save strategy lets a save of this node/process start.
+
+        Returns :meth:`latest_steps`, so the caller can refuse a committed step without a
+        second round trip.
+        """
         if self._strategy is SaveStrategy.UNRESTRICTED:
-            return
+            return self.latest_steps()
         if self._strategy is SaveStrategy.SINGLE_THREAD:
             owner: object = next(self._thread_ids)
         elif self._strategy is SaveStrategy.SINGLE_PROCESS:
@@ -241,6 +247,7 @@ class CheckpointMonitor:
                 raise TimeoutError(f"no save slot within {timeout} s ({self._strategy.value})")
             self._slot_owner = owner
             self._slot_users += 1
+            return {kind.value: self._latest[kind] for kind in Kind}
 
     def notify_finished(
         self,
