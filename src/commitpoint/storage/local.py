@@ -21,58 +21,23 @@ from fsspec.implementations.local import LocalFileSystem
 from commitpoint.errors import CommitConflict, StorageError
 from commitpoint.layout import META_DIR, safe_relpath
 from commitpoint.storage.base import FsspecStorage
+from commitpoint.storage.direct_io import DirectFile, fsync_dir
 from commitpoint.storage.protocol import PointerState
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _DurableFile:
-    """A plain file whose close flushes and fsyncs, so a committed step survives a crash."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += self._file.write(view[written:])
-        return written
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        try:
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-        _fsync_dir(os.path.dirname(self.path))
-
-    def discard(self) -> None:
-        self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 class LocalBackend(FsspecStorage):
     """Checkpoints in a local (or network-mounted POSIX) folder."""
 
-    def __init__(self, url: str, **storage_options: Any) -> None:
+    def __init__(self, url: str, *, direct_io: bool = True, **storage_options: Any) -> None:
+        """``direct_io`` writes large files with pipelined ``O_DIRECT`` (see direct_io.py)."""
+        self._direct_io = direct_io not in (False, "false", "False", "0", 0)
         path = url.split("://", 1)[1] if "://" in url else url
         if url.startswith("local://"):
             url = "file://" + path
         root = os.path.abspath(os.path.expanduser(path))
         fs = LocalFileSystem(**storage_options)
         display = url if "://" in url else root
-        super().__init__(display, fs, root, **storage_options)
+        super().__init__(display, fs, root, direct_io=self._direct_io, **storage_options)
 
     def _translate_error(self, operation: str, relpath: str, exc: BaseException) -> Exception:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -88,7 +53,7 @@ class LocalBackend(FsspecStorage):
 
     def _open_raw_write(self, full: str) -> Any:
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        return _DurableFile(full)
+        return DirectFile(full, direct=self._direct_io)
 
     # -- pointers ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -145,7 +110,7 @@ class LocalBackend(FsspecStorage):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp)
                     raise
-                _fsync_dir(directory)
+                fsync_dir(directory)
                 new_token = self._current_token(name)
         except (CommitConflict, StorageError):
             raise
