@@ -7,7 +7,6 @@ fake-gcs-server, through the testing kit's roots.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,9 +25,9 @@ from commitpoint.pointer import Advance, rewind_pointer
 from commitpoint.testing import CheckpointRoot
 
 
-@pytest.fixture(params=["memory", "local", "s3", "gcs"])
-def root(request: pytest.FixtureRequest) -> Iterator[CheckpointRoot]:
-    yield request.getfixturevalue(f"{request.param}_checkpoint_root")
+@pytest.fixture
+def root(any_checkpoint_root: CheckpointRoot) -> CheckpointRoot:
+    return any_checkpoint_root
 
 
 @pytest.fixture

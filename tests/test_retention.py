@@ -27,11 +27,10 @@ from commitpoint.storage.protocol import StorageBackend
 from commitpoint.testing import CheckpointRoot
 
 
-@pytest.fixture(params=["local", "memory", "s3", "gcs"])
-def root(request: pytest.FixtureRequest) -> CheckpointRoot:
-    """Every backend: the S3/GCS roots skip (with the reason) until their plug-ins are installed."""
-    found: CheckpointRoot = request.getfixturevalue(f"{request.param}_checkpoint_root")
-    return found
+@pytest.fixture
+def root(any_checkpoint_root: CheckpointRoot) -> CheckpointRoot:
+    """Every backend; S3/GCS skip (with the reason) when their plug-ins are not installed."""
+    return any_checkpoint_root
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@
 - ``gcs_checkpoint_root``: a fresh bucket on fake-gcs-server (needs ``commitpoint-gcs[testing]``).
 - ``checkpoint_root``: parametrised over local, S3 and GCS; a backend whose packages are not
   installed is skipped with the reason shown.
+- ``any_checkpoint_root``: the same plus the in-memory root (for fast checks of logic).
 Servers start on first use, are shared by the whole session, and are stopped when it ends.
 
 Set ``COMMITPOINT_TESTING_REQUIRE=s3,gcs`` (as commitpoint's own CI does) to turn a skip for a
@@ -86,5 +87,11 @@ def gcs_checkpoint_root(tmp_path: Any) -> Iterator[CheckpointRoot]:
 
 @pytest.fixture(params=["local", "s3", "gcs"])
 def checkpoint_root(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[CheckpointRoot]:
+    with _root(request.param, tmp_path) as root:
+        yield root
+
+
+@pytest.fixture(params=["memory", "local", "s3", "gcs"])
+def any_checkpoint_root(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[CheckpointRoot]:
     with _root(request.param, tmp_path) as root:
         yield root
