@@ -14,6 +14,7 @@ missing backend into a failure, so a broken install cannot pass as "skipped".
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -29,30 +30,40 @@ from commitpoint.testing import (
 )
 
 
-def _s3_root() -> Any:
+@contextlib.contextmanager
+def _s3_root() -> Iterator[CheckpointRoot]:
     from commitpoint.testing.s3 import s3_root
 
-    return s3_root()
+    with s3_root() as root:
+        yield root
 
 
-def _gcs_root() -> Any:
+@contextlib.contextmanager
+def _gcs_root() -> Iterator[CheckpointRoot]:
     from commitpoint.testing.gcs import gcs_root
 
-    return gcs_root()
+    with gcs_root() as root:
+        yield root
 
 
-def _root(kind: str, tmp_path: Any) -> Any:
+@contextlib.contextmanager
+def _root(kind: str, tmp_path: Any) -> Iterator[CheckpointRoot]:
+    """Enter the root of ``kind``; a missing optional dependency skips (or fails, if required)."""
     if kind == "local":
-        return local_root(str(tmp_path))
-    if kind == "memory":
-        return memory_root()
-    try:
-        return _s3_root() if kind == "s3" else _gcs_root()
-    except (MissingTestDependency, ModuleNotFoundError) as exc:
-        required = os.environ.get("COMMITPOINT_TESTING_REQUIRE", "").replace(" ", "").split(",")
-        if kind in required:
-            pytest.fail(f"{kind} checkpoint root required but unavailable: {exc}")
-        pytest.skip(f"{kind} checkpoint root unavailable: {exc}")
+        manager: Any = local_root(str(tmp_path))
+    elif kind == "memory":
+        manager = memory_root()
+    else:
+        manager = _s3_root() if kind == "s3" else _gcs_root()
+    with contextlib.ExitStack() as stack:
+        try:
+            root = stack.enter_context(manager)
+        except (MissingTestDependency, ModuleNotFoundError) as exc:
+            required = os.environ.get("COMMITPOINT_TESTING_REQUIRE", "").replace(" ", "").split(",")
+            if kind in required:
+                pytest.fail(f"{kind} checkpoint root required but unavailable: {exc}")
+            pytest.skip(f"{kind} checkpoint root unavailable: {exc}")
+        yield root
 
 
 @pytest.fixture(scope="session", autouse=True)
