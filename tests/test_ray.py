@@ -57,16 +57,17 @@ def _wait_for(predicate: Any, timeout: float = 30.0) -> bool:
 
 
 def test_pointer_moves_only_after_every_worker_shard(
-    ray_cluster: Any, local_checkpoint_root: CheckpointRoot, tmp_path: Any
+    ray_cluster: Any, checkpoint_root: CheckpointRoot, tmp_path: Any
 ) -> None:
-    root = local_checkpoint_root
+    """Local disk, S3 on moto and GCS on the emulator alike."""
+    root = checkpoint_root
     namespace = f"test-{uuid.uuid4().hex[:8]}"
     monitor = CheckpointMonitor.get_actor(namespace, root.url, root.storage_options)
     worker_cls = ray.remote(num_cpus=0)(ShardWorker)
     workers = [
         worker_cls.remote(namespace, root.url, root.storage_options, r) for r in range(WORKERS)
     ]
-    reader = CheckpointReader(root.url)
+    reader = CheckpointReader(root.url, **root.storage_options)
 
     for step in (1, 2):
         gates = [str(tmp_path / f"gate-{step}-{r}") for r in range(WORKERS)]
@@ -76,8 +77,9 @@ def test_pointer_moves_only_after_every_worker_shard(
             open(gate, "w").close()
             if rank < WORKERS - 1:
                 # give the released shard time to land; the pointer must still not move
-                shard = root.open().full_path(f"global_step_{step}/shard_{rank}.pt")
-                assert _wait_for(lambda s=shard: os.path.exists(s))
+                shard = f"global_step_{step}/shard_{rank}.pt"
+                storage = root.open()
+                assert _wait_for(lambda s=shard: storage.exists(s))
                 time.sleep(0.3)
         assert _wait_for(lambda s=step: reader.latest_state_dict_step() == s)
         report = reader.verify(step)
