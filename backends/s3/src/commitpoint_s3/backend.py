@@ -55,7 +55,7 @@ class S3Backend(FsspecStorage):
     """Checkpoints under ``s3://bucket/prefix``.
 
     Options consumed here: ``part_size`` (bytes per multipart part, default 64 MiB),
-    ``retries`` (attempts for pointer operations, default 5). Everything else goes to
+    ``retries`` (attempts for pointer operations and for s3fs's data transfers, default 5). Everything else goes to
     :class:`s3fs.S3FileSystem` (``endpoint_url``, ``key``, ``secret``, ``token``, ``profile``,
     ``client_kwargs``, ...); the usual AWS environment variables work as with s3fs.
     """
@@ -72,7 +72,7 @@ class S3Backend(FsspecStorage):
 
         self._part_size = int(part_size)
         self._retries = max(1, int(retries))
-        fs = s3fs.S3FileSystem(**storage_options)
+        fs = s3fs.S3FileSystem(retries=self._retries, **storage_options)
         path = url.split("://", 1)[1] if "://" in url else url
         super().__init__(
             "s3://" + path.strip("/"),
