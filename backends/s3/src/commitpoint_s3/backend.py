@@ -72,7 +72,8 @@ class S3Backend(FsspecStorage):
 
         self._part_size = int(part_size)
         self._retries = max(1, int(retries))
-        fs = s3fs.S3FileSystem(retries=self._retries, **storage_options)
+        fs = s3fs.S3FileSystem(**storage_options)
+        fs.retries = self._retries  # s3fs's own retry count for data transfers
         path = url.split("://", 1)[1] if "://" in url else url
         super().__init__(
             "s3://" + path.strip("/"),
