@@ -79,7 +79,7 @@ def test_pointer_moves_only_after_every_worker_shard(
                 # give the released shard time to land; the pointer must still not move
                 shard = f"global_step_{step}/shard_{rank}.pt"
                 storage = root.open()
-                assert _wait_for(lambda s=shard: storage.exists(s))
+                assert _wait_for(lambda s=shard, st=storage: st.exists(s))
                 time.sleep(0.3)
         assert _wait_for(lambda s=step: reader.latest_state_dict_step() == s)
         report = reader.verify(step)

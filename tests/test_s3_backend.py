@@ -50,7 +50,7 @@ def test_tokens_are_etags_and_stale_etags_conflict(s3_checkpoint_root: Checkpoin
     storage = s3_checkpoint_root.open()
     first = storage.write_pointer_if(POINTER, 1, None)
     assert first.startswith('"')  # an S3 ETag
-    with pytest.raises(CommitConflict, match="PreconditionFailed|412"):
+    with pytest.raises(CommitConflict, match=r"PreconditionFailed|412"):
         storage.write_pointer_if(POINTER, 2, None)
     second = storage.write_pointer_if(POINTER, 3, first)
     with pytest.raises(CommitConflict):

@@ -113,7 +113,8 @@ class GCSBackend(FsspecStorage):
         metadata = json.dumps({"name": key, "contentType": "text/plain"})
         body = (
             (
-                f"--{_BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{metadata}\r\n"
+                f"--{_BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+                f"{metadata}\r\n"
                 f"--{_BOUNDARY}\r\nContent-Type: text/plain\r\n\r\n"
             ).encode()
             + self._encode_pointer(value)

@@ -55,7 +55,8 @@ class S3Backend(FsspecStorage):
     """Checkpoints under ``s3://bucket/prefix``.
 
     Options consumed here: ``part_size`` (bytes per multipart part, default 64 MiB),
-    ``retries`` (attempts for pointer operations and for s3fs's data transfers, default 5). Everything else goes to
+    ``retries`` (attempts for pointer operations and for s3fs's data transfers, default 5).
+    Everything else goes to
     :class:`s3fs.S3FileSystem` (``endpoint_url``, ``key``, ``secret``, ``token``, ``profile``,
     ``client_kwargs``, ...); the usual AWS environment variables work as with s3fs.
     """
