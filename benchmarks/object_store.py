@@ -1,4 +1,4 @@
-"""Upload throughput to an object-store emulator: commitpoint vs the raw clients, same bytes, same run.
+"""Upload throughput to an object-store emulator: commitpoint vs the raw clients, same bytes.
 
 A state dict of real tensors is serialised once to a local file; every method then uploads those
 exact bytes to the same emulator (moto for S3, fake-gcs-server for GCS) on 127.0.0.1:
@@ -8,6 +8,7 @@ client's own file upload. Methods run in rotating order; each figure is the medi
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,7 @@ def run(
                 order = order[1:] + order[:1]
                 for method in order:
                     key = f"global_step_{run_index}/{abs(hash(method))}.pt"
-                    samples[method].append(timed(lambda m=method, k=key: methods[m](source, k)))
+                    samples[method].append(timed(functools.partial(methods[method], source, key)))
                     storage.delete(key)
             case = f"{nbytes / MiB:.0f} MiB"
             baseline = throughput(nbytes, samples[list(methods)[1]])
