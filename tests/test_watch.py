@@ -29,10 +29,9 @@ from commitpoint.watch import awatch, watch
 FAST: dict[str, Any] = {"interval": 0.01, "max_interval": 0.05}
 
 
-@pytest.fixture(params=["local", "memory"])
-def root(request: pytest.FixtureRequest) -> CheckpointRoot:
-    found: CheckpointRoot = request.getfixturevalue(f"{request.param}_checkpoint_root")
-    return found
+@pytest.fixture
+def root(any_checkpoint_root: CheckpointRoot) -> CheckpointRoot:
+    return any_checkpoint_root
 
 
 @pytest.fixture
