@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -75,7 +76,7 @@ def run(
             baseline = throughput(nbytes, samples[list(methods)[1]])
             for method, seconds in samples.items():
                 speeds = throughput(nbytes, seconds)
-                ratio = sorted(speeds)[len(speeds) // 2] / sorted(baseline)[len(baseline) // 2]
+                ratio = statistics.median(speeds) / statistics.median(baseline)
                 rows.append(
                     row(
                         case,
