@@ -18,6 +18,8 @@ CHECKPOINT_POINTER = "latest_checkpointed_iteration.txt"
 META_DIR = ".commitpoint"
 WRITER_EPOCH = f"{META_DIR}/writer_epoch"
 REWIND_HISTORY = f"{META_DIR}/rewind_history.jsonl"
+TEMP_MARKER = ".commitpoint-tmp-"
+"""Part of the name of a file still being written (renamed to its final name when durable)."""
 STEP_PREFIX = "global_step_"
 _STEP_DIR_RE = re.compile(r"^global_step_(\d+)$")
 _POINTER_RE = re.compile(rb"^\s*(\d+)\s*$")
@@ -76,6 +78,11 @@ def safe_relpath(path: object) -> str:
     if any(p == ".." for p in parts):
         raise InvalidName(f"relative path {path!r} would escape the checkpoint root")
     return "/".join(parts)
+
+
+def is_temporary(relpath: str) -> bool:
+    """True for a file commitpoint is still writing (or one a crash left behind)."""
+    return TEMP_MARKER in relpath.rsplit("/", 1)[-1]
 
 
 def step_dir(step: int) -> str:

@@ -11,8 +11,10 @@ pointer's own compare-and-swap still keeps it monotonic.
 from __future__ import annotations
 
 import logging
+import random
+import time
 
-from commitpoint.errors import WriterFenced
+from commitpoint.errors import StorageError, WriterFenced
 from commitpoint.layout import WRITER_EPOCH
 from commitpoint.pointer import bump_counter
 from commitpoint.storage.protocol import StorageBackend
@@ -23,9 +25,19 @@ logger = logging.getLogger(__name__)
 class WriterLease:
     """The epoch this writer holds on ``storage``'s root."""
 
-    def __init__(self, storage: StorageBackend) -> None:
+    def __init__(self, storage: StorageBackend, attempts: int = 4) -> None:
+        """A transient storage error while taking the lease is retried: an increment that landed
+        but was reported as failed only skips an epoch number."""
         self._storage = storage
-        self.epoch = bump_counter(storage, WRITER_EPOCH)
+        for attempt in range(1, attempts + 1):
+            try:
+                self.epoch = bump_counter(storage, WRITER_EPOCH)
+                break
+            except StorageError as exc:
+                if attempt == attempts:
+                    raise
+                logger.warning("taking the writer lease failed (try %d): %s", attempt, exc)
+                time.sleep(0.05 * 2**attempt * random.random())
         logger.info("took writer epoch %d of %s", self.epoch, storage.url)
 
     def current_epoch(self) -> int | None:

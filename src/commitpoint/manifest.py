@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from commitpoint.checksum import DEFAULT_ALGORITHM, checksum_stream
-from commitpoint.errors import CorruptCheckpoint
-from commitpoint.layout import Kind, step_dir, step_of_path
+from commitpoint.errors import CorruptCheckpoint, StorageError
+from commitpoint.layout import Kind, is_temporary, step_dir, step_of_path
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 
 FORMAT_VERSION = 1
@@ -98,12 +98,29 @@ def build_manifest(
 ) -> Manifest:
     """Assemble the manifest of ``step``: tracked records, plus listed files when asked.
 
-    ``include_listing`` is only safe once no save of the step is still writing; otherwise a
-    half-written file of another save would be listed with a size it will not keep.
+    The step folder is always listed, and every tracked file must be there with the size its
+    writer counted: a store that acknowledged a write it did not keep whole is caught here, before
+    any pointer names the step. ``include_listing`` (adding files written outside the backend) is
+    only safe once no save of the step is still writing; otherwise a half-written file of another
+    save would be listed with a size it will not keep.
     """
     files = {r.path: r for r in tracked if step_of_path(r.path) == step and not is_manifest(r.path)}
+    listed = [i for i in storage.list_files(step_dir(step)) if not is_temporary(i.path)]
+    stored = {info.path: info.size for info in listed}
+    problems = [
+        f"{path}: written {record.size} bytes, store holds "
+        + ("nothing" if path not in stored else f"{stored[path]} bytes")
+        for path, record in sorted(files.items())
+        if stored.get(path) != record.size
+    ]
+    if problems:
+        raise CorruptCheckpoint(
+            storage.url_for(step_dir(step)),
+            f"{len(problems)} written file(s) are not stored whole; step not committed",
+            problems,
+        )
     if include_listing:
-        for info in storage.list_files(step_dir(step)):
+        for info in listed:
             if info.path in files or is_manifest(info.path):
                 continue
             with storage.open_read(info.path) as stream:
@@ -118,6 +135,15 @@ def build_manifest(
 
 
 def write_manifest(storage: StorageBackend, manifest: Manifest) -> None:
-    storage.write_bytes(
-        manifest_path(manifest.step, manifest.kind), manifest.to_json(), track=False
-    )
+    """Write the manifest and read it back: a pointer must never name a step whose manifest the
+    store did not keep whole (the read costs one small request per commit)."""
+    path = manifest_path(manifest.step, manifest.kind)
+    body = manifest.to_json()
+    storage.write_bytes(path, body, track=False)
+    stored = storage.read_bytes(path)
+    if stored != body:
+        raise StorageError(
+            "write manifest",
+            storage.url_for(path),
+            f"the store returned {len(stored)} bytes that differ from the {len(body)} written",
+        )

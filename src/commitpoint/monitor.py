@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from commitpoint.errors import InvalidArgument, StepRegression
+from commitpoint.errors import InvalidArgument, StepRegression, StorageError
 from commitpoint.layout import Kind, check_step
 from commitpoint.lease import WriterLease
 from commitpoint.manifest import build_manifest, read_manifest, write_manifest
@@ -36,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 MAX_TRACKED_STEPS = 4096
 """Steps with unfinished bookkeeping kept in memory; older ones are dropped with a warning."""
+
+COMMIT_ATTEMPTS = 4
+"""Tries of one commit (manifest + pointers) when storage fails transiently; both are idempotent."""
 
 
 @dataclass
@@ -229,11 +234,11 @@ class CheckpointMonitor:
     ) -> dict[str, int | None]:
         """Block until the save strategy lets a save of this node/process start.
 
-        Returns :meth:`latest_steps`, so the caller can refuse a committed step without a
-        second round trip.
+        Returns :meth:`latest_steps` plus ``writer_epoch``, so the caller can refuse a committed
+        step, or notice that this monitor was fenced, without a second round trip.
         """
         if self._strategy is SaveStrategy.UNRESTRICTED:
-            return self.latest_steps()
+            return {**self.latest_steps(), "writer_epoch": self._lease.epoch}
         if self._strategy is SaveStrategy.SINGLE_THREAD:
             owner: object = next(self._thread_ids)
         elif self._strategy is SaveStrategy.SINGLE_PROCESS:
@@ -247,7 +252,10 @@ class CheckpointMonitor:
                 raise TimeoutError(f"no save slot within {timeout} s ({self._strategy.value})")
             self._slot_owner = owner
             self._slot_users += 1
-            return {kind.value: self._latest[kind] for kind in Kind}
+            return {
+                **{kind.value: self._latest[kind] for kind in Kind},
+                "writer_epoch": self._lease.epoch,
+            }
 
     def notify_finished(
         self,
@@ -319,7 +327,7 @@ class CheckpointMonitor:
     def _commit_all(self, step: int, kinds: list[Kind]) -> None:
         for kind in kinds:
             try:
-                self._commit(step, kind)
+                self._commit_with_retries(step, kind)
             finally:
                 with self._lock:
                     state = self._steps.get(step)
@@ -334,6 +342,33 @@ class CheckpointMonitor:
             except RuntimeError:  # closed: the commit stands, retention just does not run
                 logger.debug("monitor closed; no retention round after step %d", step)
 
+    def _commit_with_retries(self, step: int, kind: Kind) -> None:
+        """Commit, retrying transient storage failures: rewriting an uncommitted manifest and
+        re-running the pointer compare-and-swap are both safe to repeat."""
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                self._commit(step, kind)
+                return
+            except StorageError as exc:
+                if attempt == COMMIT_ATTEMPTS:
+                    logger.error(
+                        "commit of %s step %d failed %d times; not committed: %s",
+                        kind.value,
+                        step,
+                        attempt,
+                        exc,
+                    )
+                    raise
+                logger.warning(
+                    "commit of %s step %d failed (try %d of %d), retrying: %s",
+                    kind.value,
+                    step,
+                    attempt,
+                    COMMIT_ATTEMPTS,
+                    exc,
+                )
+                time.sleep(min(1.0, 0.05 * 2**attempt) * (0.5 + random.random() / 2))
+
     def _commit(self, step: int, kind: Kind) -> None:
         with self._lock:
             state = self._steps[step]
@@ -343,6 +378,8 @@ class CheckpointMonitor:
             )
         with self._commit_lock:
             self._lease.check()
+            if self._already_committed(step, kind):
+                return
             if kind is Kind.CHECKPOINT:
                 earlier = read_manifest(self._storage, step, Kind.STATE_DICT)
                 if earlier is not None:
@@ -371,6 +408,28 @@ class CheckpointMonitor:
             manifest.total_bytes,
             "" if any(moved) else "; a later step was already committed",
         )
+
+    def _already_committed(self, step: int, kind: Kind) -> bool:
+        """True if the pointer already names ``step`` or a later one and the step's manifest
+        exists: that manifest belongs to a commit (or a superseded step) and is never rewritten,
+        whoever wrote it. A late step without one still gets its manifest, so it can be verified
+        and rewound to."""
+        current = self._storage.read_pointer(kind.pointer).value
+        if current is None or current < step:
+            return False
+        if read_manifest(self._storage, step, kind) is None:
+            return False
+        logger.info("%s step %d: pointer already names step %d", kind.value, step, current)
+        if kind is Kind.CHECKPOINT:
+            self._advance(Kind.STATE_DICT, step)
+        with self._lock:
+            self._latest[kind] = max(self._latest[kind] or 0, current)
+            state = self._steps.get(step)
+            if state is not None:
+                state.committed.add(kind)
+                if kind is Kind.CHECKPOINT:
+                    state.committed.add(Kind.STATE_DICT)
+        return True
 
     def _advance(self, kind: Kind, step: int) -> bool:
         try:

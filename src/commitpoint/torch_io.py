@@ -24,7 +24,15 @@ def save_torch(storage: StorageBackend, relpath: str, obj: object) -> None:
     """``torch.save(obj)`` streamed to ``relpath`` under the storage root."""
     torch = _torch()
     with storage.open_write(safe_relpath(relpath)) as writer:
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except Exception as exc:
+            # torch's zip writer reports a failed write as its own RuntimeError; surface the
+            # storage error that caused it (bucket, key and cause) instead.
+            failure = getattr(writer, "failure", None)
+            if isinstance(failure, Exception) and failure is not exc:
+                raise failure from exc
+            raise
 
 
 def load_torch(

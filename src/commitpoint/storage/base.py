@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from commitpoint.checksum import DEFAULT_ALGORITHM, Checksum
@@ -48,15 +49,20 @@ class FsspecWriter:
         self._size = 0
         self._record: FileRecord | None = None
         self._closed = False
+        self.failure: Exception | None = None
+        """The storage error a write raised, kept for callers (like torch's zip writer) that
+        replace it with an error of their own."""
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = data if isinstance(data, bytes) else memoryview(data).cast("B").toreadonly()
         try:
             self._raw.write(view)
-        except CommitpointError:
+        except CommitpointError as exc:
+            self.failure = exc
             raise
         except Exception as exc:
-            raise self._storage._translate_error("write", self.path, exc) from exc
+            self.failure = self._storage._translate_error("write", self.path, exc)
+            raise self.failure from exc
         self._checksum.update(view)
         self._size += len(view)
         return len(view)
@@ -86,6 +92,11 @@ class FsspecWriter:
         if self._closed:
             return
         self._closed = True
+        try:
+            self._storage._before_publish(self.path)
+        except BaseException:
+            self._storage._abort_raw_write(self._raw, self.path)
+            raise
         try:
             self._storage._finish_raw_write(self._raw)
         except CommitpointError:
@@ -137,6 +148,9 @@ class FsspecStorage:
         self._storage_options = dict(storage_options)
         self._records: dict[str, FileRecord] = {}
         self._records_lock = threading.Lock()
+        self.publish_guard: Callable[[str], None] | None = None
+        """Called with a file's path just before the file becomes visible; raising abandons it.
+        The coordinator uses it to stop a fenced writer from replacing files."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._url!r})"
@@ -191,6 +205,12 @@ class FsspecStorage:
         parent = full.rsplit("/", 1)[0]
         self._fs.makedirs(parent, exist_ok=True)
         return self._fs.open(full, "wb")
+
+    def _before_publish(self, relpath: str) -> None:
+        """Run the publish guard right before the final upload; backends that publish by rename
+        call it themselves, later (see the local backend)."""
+        if self.publish_guard is not None:
+            self.publish_guard(relpath)
 
     def _finish_raw_write(self, raw: Any) -> None:
         raw.close()

@@ -7,6 +7,7 @@ buffers and a background thread writes each full buffer with ``O_DIRECT`` while 
 serialising, so the disk and the CPU work at the same time. The unaligned tail is written through
 the page cache and the whole file is fsynced before ``close`` returns.
 
+Bytes go to a hidden temporary file that is renamed over the final name once durable.
 Files smaller than one buffer never use ``O_DIRECT``: they are written and fsynced plainly.
 Filesystems that refuse ``O_DIRECT`` (tmpfs, some network mounts) fall back to plain writes.
 """
@@ -17,8 +18,12 @@ import contextlib
 import mmap
 import os
 import queue
+import secrets
 import threading
+from collections.abc import Callable
 from typing import Any
+
+from commitpoint.layout import TEMP_MARKER
 
 BUFFER_SIZE = 16 * 1024 * 1024
 BUFFERS_PER_FILE = 3
@@ -64,8 +69,22 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
 class DirectFile:
     """A binary file written in aligned chunks by a background thread, durable on close."""
 
-    def __init__(self, path: str, *, direct: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        direct: bool = True,
+        before_publish: Callable[[], None] | None = None,
+    ) -> None:
+        """The bytes go to a hidden temporary file beside ``path`` and are renamed over it on
+        close, after ``before_publish`` (which may raise to abandon the write) has run: a reader,
+        a crash or a racing writer never sees a half-written file under the final name."""
         self.path = path
+        self.temp_path = os.path.join(
+            os.path.dirname(path),
+            f".{os.path.basename(path)}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}",
+        )
+        self._before_publish = before_publish
         self._direct = direct and bool(_O_DIRECT)
         self._fd: int | None = None
         self._buffer = _take_buffer()
@@ -77,18 +96,18 @@ class DirectFile:
         self._error: BaseException | None = None
         # Create (and truncate) the file now, so a missing folder or a permission problem shows
         # up at open time, like a plain open() would.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        os.close(os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
 
     # -- the pipeline ---------------------------------------------------------------------------
     def _start_pipeline(self) -> None:
         flags = os.O_WRONLY
         if self._direct:
             try:
-                self._fd = os.open(self.path, flags | _O_DIRECT)
+                self._fd = os.open(self.temp_path, flags | _O_DIRECT)
             except OSError:
                 self._direct = False  # the filesystem refuses O_DIRECT
         if self._fd is None:
-            self._fd = os.open(self.path, flags)
+            self._fd = os.open(self.temp_path, flags)
         self._full = queue.Queue()
         self._free = queue.Queue()
         for _ in range(BUFFERS_PER_FILE - 1):
@@ -152,7 +171,9 @@ class DirectFile:
                 _give_buffer(self._free.get())
 
     def close(self) -> None:
-        """Write what is left, fsync the file and its folder; only then is it durable."""
+        """Write what is left, fsync, rename over the final name and fsync the folder; only
+        then is the file there, and durable."""
+        published = False
         try:
             self._stop_pipeline()
             self._raise_pending()
@@ -165,11 +186,19 @@ class DirectFile:
                 os.close(self._fd)
                 self._fd = None
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY)
+                self._fd = os.open(self.temp_path, os.O_WRONLY)
             _write_all(self._fd, tail, self._offset)
             os.fsync(self._fd)
+            self._release()
+            if self._before_publish is not None:
+                self._before_publish()
+            os.replace(self.temp_path, self.path)
+            published = True
         finally:
             self._release()
+            if not published:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.temp_path)
         fsync_dir(os.path.dirname(self.path))
 
     def discard(self) -> None:
@@ -179,7 +208,7 @@ class DirectFile:
         finally:
             self._release()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                os.unlink(self.temp_path)
 
     def _release(self) -> None:
         if self._fd is not None:

@@ -53,7 +53,13 @@ class LocalBackend(FsspecStorage):
 
     def _open_raw_write(self, full: str) -> Any:
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        return DirectFile(full, direct=self._direct_io)
+        guard = self.publish_guard
+        relpath = self._relative(full)
+        before_publish = None if guard is None else (lambda: guard(relpath))
+        return DirectFile(full, direct=self._direct_io, before_publish=before_publish)
+
+    def _before_publish(self, relpath: str) -> None:
+        """The guard runs inside :class:`DirectFile`, just before its rename."""
 
     # -- pointers ---------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -61,7 +61,17 @@ def available_schemes() -> list[str]:
 
 
 def open_storage(url: str, **storage_options: Any) -> StorageBackend:
-    """Open the checkpoint root at ``url`` with the backend registered for its scheme."""
+    """Open the checkpoint root at ``url`` with the backend registered for its scheme.
+
+    The option ``faults`` (a :class:`commitpoint.testing.faults.FaultPlan` or its dict) wraps the
+    backend in a fault injector: for reliability tests, never for production roots.
+    """
     if not isinstance(url, str) or not url.strip():
         raise InvalidArgument(f"storage URL must be a non-empty str, got {url!r}")
-    return _lookup(scheme_of(url))(url, **storage_options)
+    faults = storage_options.pop("faults", None)
+    storage = _lookup(scheme_of(url))(url, **storage_options)
+    if faults is None:
+        return storage
+    from commitpoint.testing.faults import wrap_with_faults
+
+    return wrap_with_faults(storage, faults)
