@@ -13,6 +13,7 @@ from commitpoint import (
     InvalidArgument,
     InvalidStep,
     Kind,
+    MonitorRestarted,
     SaveStrategy,
     WriterFenced,
 )
@@ -282,3 +283,12 @@ def test_single_node_allows_only_one_node_at_a_time(root: CheckpointRoot) -> Non
 def test_unrestricted_lets_saves_overlap(root: CheckpointRoot) -> None:
     spans = _run_saves(root.monitor(SaveStrategy.UNRESTRICTED), OWNERS)
     assert any(_overlaps(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :])
+
+
+def test_a_report_from_before_a_monitor_restart_is_refused(root: CheckpointRoot) -> None:
+    monitor = root.monitor()
+    monitor.register_thread_count(1, state_dict_thread_count=1)
+    monitor.monitor_step(1, True)
+    with pytest.raises(MonitorRestarted, match="step 1 will not be committed"):
+        monitor.notify_finished(1, True, name="model", writer_epoch=monitor.writer_epoch() - 1)
+    assert pointers(root) == (None, None)

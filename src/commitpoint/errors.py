@@ -7,11 +7,39 @@ the backend's redacted URL.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+
+_SECRETS: set[str] = set()
+_SECRETS_LOCK = threading.Lock()
+_MIN_SECRET_LENGTH = 4
+
+
+def register_secret(value: object) -> None:
+    """Remember a credential so :func:`redact` (and every commitpoint error) hides it."""
+    if isinstance(value, str) and len(value) >= _MIN_SECRET_LENGTH:
+        with _SECRETS_LOCK:
+            _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered credential replaced by ``***``."""
+    with _SECRETS_LOCK:
+        secrets = sorted(_SECRETS, key=len, reverse=True)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 class CommitpointError(Exception):
-    """Base class of every error commitpoint raises deliberately."""
+    """Base class of every error commitpoint raises deliberately.
+
+    Its message never holds a registered credential, even when it quotes a store's own error.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class InvalidArgument(CommitpointError, ValueError):
@@ -70,7 +98,22 @@ class WriterFenced(CommitpointError):
         self.current_epoch = current_epoch
         super().__init__(
             f"writer epoch {own_epoch} of {root} was superseded by epoch {current_epoch}; "
-            "another monitor now owns this checkpoint root"
+            "another monitor (a new job, or this job's monitor after a restart) now owns this "
+            "checkpoint root"
+        )
+
+
+class MonitorRestarted(CommitpointError):
+    """The monitor restarted while a step was in flight: it lost the step's bookkeeping, so the
+    step is never committed. The save (or registration) that finds out fails with this error."""
+
+    def __init__(self, step: int, seen_epoch: int, current_epoch: int) -> None:
+        self.step = step
+        self.seen_epoch = seen_epoch
+        self.current_epoch = current_epoch
+        super().__init__(
+            f"step {step} began under monitor epoch {seen_epoch}, but the monitor restarted "
+            f"(now epoch {current_epoch}); step {step} will not be committed"
         )
 
 
@@ -106,3 +149,19 @@ class SaveFailed(CommitpointError):
         self.cause = cause
         self.failures: list[SaveFailed] = [self]
         super().__init__(f"save {name!r} of step {step} failed: {type(cause).__name__}: {cause}")
+
+
+class StagingFailed(CommitpointError):
+    """Copying a state dict into its staging buffers failed, so none of it may be saved.
+
+    ``tensor`` names the failing entry by its key path (e.g. ``optimizer.state.0.exp_avg``).
+    """
+
+    def __init__(self, tensor: str, cause: BaseException) -> None:
+        self.tensor = tensor
+        self.cause = cause
+        super().__init__(f"staging tensor {tensor!r} failed: {type(cause).__name__}: {cause}")
+
+
+class StagingTimeout(CommitpointError, TimeoutError):
+    """Staging waited longer than allowed: for a free snapshot slot, or for a copy to finish."""

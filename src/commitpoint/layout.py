@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 
-from commitpoint.errors import CorruptCheckpoint, InvalidName, InvalidStep
+from commitpoint.errors import CorruptCheckpoint, InvalidArgument, InvalidName, InvalidStep
 
 STATE_DICT_POINTER = "latest_state_dict_iteration.txt"
 CHECKPOINT_POINTER = "latest_checkpointed_iteration.txt"
@@ -38,6 +38,12 @@ class Kind(str, enum.Enum):
     @property
     def manifest(self) -> str:
         return f".commitpoint-manifest.{self.value}.json"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Kind:
+        raise InvalidArgument(
+            f"kind must be one of {[k.value for k in cls]}, got {value!r}"
+        )
 
     @classmethod
     def of(cls, is_state_dict: bool) -> Kind:

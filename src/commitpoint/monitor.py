@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from commitpoint.errors import InvalidArgument, StepRegression, StorageError
+from commitpoint.errors import InvalidArgument, MonitorRestarted, StepRegression, StorageError
 from commitpoint.layout import Kind, check_step
 from commitpoint.lease import WriterLease
 from commitpoint.manifest import build_manifest, read_manifest, write_manifest
@@ -211,11 +211,12 @@ class CheckpointMonitor:
             ready = self._take_ready(step)
         self._commit_all(step, ready)
 
-    def monitor_step(self, step: int, is_state_dict: bool = False, participants: int = 1) -> None:
+    def monitor_step(self, step: int, is_state_dict: bool = False, participants: int = 1) -> int:
         """Ask for ``step`` to be committed (as a state dict or a full checkpoint) once complete.
 
         With several workers each registering their own saves, pass ``participants`` = how many
-        of them will call ``monitor_step``: the step waits for all their registrations.
+        of them will call ``monitor_step``: the step waits for all their registrations. Returns
+        this monitor's writer epoch, so the caller can tell whether it restarted meanwhile.
         """
         check_step(step)
         if check_step(participants, "participants") < 1:
@@ -227,6 +228,7 @@ class CheckpointMonitor:
             state.participants[kind] = max(state.participants[kind], participants)
             ready = self._take_ready(step)
         self._commit_all(step, ready)
+        return self._lease.epoch
 
     # -- save lifecycle -----------------------------------------------------------------------
     def notify_started(
@@ -264,10 +266,19 @@ class CheckpointMonitor:
         name: str = "",
         files: Iterable[FileRecord] = (),
         started: bool = True,
+        writer_epoch: int | None = None,
     ) -> None:
-        """A save of ``step`` finished; ``files`` are the records of what it wrote."""
+        """A save of ``step`` finished; ``files`` are the records of what it wrote.
+
+        ``writer_epoch`` is the epoch ``notify_started`` returned: if this monitor has restarted
+        since (a new epoch), it never saw the step's registration complete, so the save is
+        refused with :class:`MonitorRestarted` rather than silently never committed.
+        """
         check_step(step)
         kind = Kind.of(is_state_dict)
+        if writer_epoch is not None and writer_epoch != self._lease.epoch:
+            logger.warning("save %r of step %d started before a monitor restart", name, step)
+            raise MonitorRestarted(step, writer_epoch, self._lease.epoch)
         with self._lock:
             if started:
                 self._release_slot()
@@ -392,6 +403,11 @@ class CheckpointMonitor:
                 include_listing=quiet,
                 writer_epoch=self._lease.epoch,
             )
+            # Check again right before writing: building may have taken a while, and a newer
+            # writer may have taken over (and even committed this step) meanwhile.
+            self._lease.check()
+            if self._already_committed(step, kind):
+                return
             write_manifest(self._storage, manifest)
             moved = [self._advance(kind, step)]
             if kind is Kind.CHECKPOINT:
@@ -433,7 +449,7 @@ class CheckpointMonitor:
 
     def _advance(self, kind: Kind, step: int) -> bool:
         try:
-            result = advance_pointer(self._storage, kind.pointer, step)
+            result = advance_pointer(self._storage, kind.pointer, step, self._lease.check)
         except StepRegression as exc:
             logger.info("step %d of %s superseded by step %d", step, kind.value, exc.current)
             with self._lock:

@@ -12,6 +12,7 @@ import enum
 import logging
 import random
 import time
+from collections.abc import Callable
 
 from commitpoint.errors import CommitConflict, StepRegression
 from commitpoint.layout import check_step
@@ -38,10 +39,17 @@ def _backoff(attempt: int) -> None:
     time.sleep(min(0.05, 0.0005 * 2**attempt) * random.random())
 
 
-def advance_pointer(storage: StorageBackend, name: str, step: int) -> Advance:
+def advance_pointer(
+    storage: StorageBackend,
+    name: str,
+    step: int,
+    before_write: Callable[[], None] | None = None,
+) -> Advance:
     """Move pointer ``name`` forward to ``step`` by compare-and-swap.
 
-    Raises :class:`StepRegression` if the pointer already names a higher step and
+    ``before_write`` runs between each read and conditional write (the monitor checks its writer
+    lease there, so a fenced writer stops at the last possible moment). Raises
+    :class:`StepRegression` if the pointer already names a higher step and
     :class:`CommitConflict` if it kept changing for :data:`MAX_ATTEMPTS` tries.
     """
     check_step(step)
@@ -52,6 +60,8 @@ def advance_pointer(storage: StorageBackend, name: str, step: int) -> Advance:
                 raise StepRegression(storage.url_for(name), state.value, step)
             if step == state.value:
                 return Advance.ALREADY_THERE
+        if before_write is not None:
+            before_write()
         try:
             storage.write_pointer_if(name, step, state.token)
         except CommitConflict:

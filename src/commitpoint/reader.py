@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from commitpoint.errors import InvalidArgument
 from commitpoint.layout import Kind, check_step, safe_relpath, step_dir
 from commitpoint.manifest import Manifest
 from commitpoint.storage.protocol import StorageBackend
@@ -22,6 +23,8 @@ class CheckpointReader:
     """Read access to the checkpoints committed under ``url``."""
 
     def __init__(self, url: str | StorageBackend, **storage_options: Any) -> None:
+        if not isinstance(url, str | StorageBackend):
+            raise InvalidArgument(f"url must be a str or a StorageBackend, got {url!r}")
         self.storage: StorageBackend = (
             open_storage(url, **storage_options) if isinstance(url, str) else url
         )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from commitpoint.checksum import DEFAULT_ALGORITHM, Checksum
-from commitpoint.errors import CommitpointError, StorageError
+from commitpoint.errors import CommitpointError, StorageError, register_secret
 from commitpoint.layout import decode_pointer, encode_pointer, safe_relpath
 from commitpoint.storage.protocol import FileInfo, FileRecord, PointerState
 
@@ -142,6 +142,7 @@ class FsspecStorage:
     checksum_algorithm: str = DEFAULT_ALGORITHM
 
     def __init__(self, url: str, fs: AbstractFileSystem, root: str, **storage_options: Any):
+        _register_secrets(url, storage_options)
         self._url = redact_url(url.rstrip("/"))
         self._fs = fs
         self._root = root.rstrip("/")
@@ -329,6 +330,42 @@ class FsspecStorage:
     @staticmethod
     def _encode_pointer(value: int) -> bytes:
         return encode_pointer(value)
+
+
+_SECRET_OPTION_NAMES = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "access_token",
+        "refresh_token",
+        "client_secret",
+        "private_key",
+    }
+)
+
+
+def _register_secrets(url: str, options: Any) -> None:
+    """Register every credential in ``url``'s user part and in ``options`` (nested too)."""
+    _, sep, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0] if sep else ""
+    if "@" in netloc:
+        for part in netloc.rsplit("@", 1)[0].split(":"):
+            register_secret(part)
+    if isinstance(options, dict):
+        for name, value in options.items():
+            if isinstance(value, dict | list | tuple):
+                _register_secrets("", value)
+            elif str(name).lower() in _SECRET_OPTION_NAMES and value not in ("anon", "testing"):
+                register_secret(value)
+    elif isinstance(options, list | tuple):
+        for value in options:
+            _register_secrets("", value)
 
 
 def _reopen(opener: Any, url: str, options: dict[str, Any]) -> Any:

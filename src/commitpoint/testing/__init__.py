@@ -43,7 +43,7 @@ class CheckpointRoot:
     """A checkpoint root ready for a test: URL, options, and helpers to use and inspect it."""
 
     url: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
     backend: str = "local"
 
     def open(self) -> StorageBackend:

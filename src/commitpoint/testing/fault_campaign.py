@@ -150,7 +150,8 @@ def run_campaign(
             break
         now = {kind: clean.read_pointer(kind.pointer).value for kind in Kind}
         for kind in Kind:
-            if last[kind] is not None and (now[kind] is None or now[kind] < last[kind]):
+            before, after = last[kind], now[kind]
+            if before is not None and (after is None or after < before):
                 report.outcomes["regressions"] += 1
                 report.problems.append(f"step {step}: {kind.value} went {last[kind]}->{now[kind]}")
         last = now
