@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import pytest
-import torch
 
 from commitpoint import (
     CheckpointCoordinator,
@@ -18,13 +16,12 @@ from commitpoint import (
     InvalidArgument,
     Kind,
     rewind_pointer,
-    save_torch,
 )
 from commitpoint.layout import REWIND_HISTORY, parse_step_dir, step_dir
 from commitpoint.manifest import manifest_path
 from commitpoint.retention import RetentionPolicy
 from commitpoint.storage.protocol import StorageBackend
-from commitpoint.testing import CheckpointRoot
+from commitpoint.testing import CheckpointRoot, commit_step
 
 
 @pytest.fixture
@@ -42,22 +39,7 @@ def coordinator(root: CheckpointRoot) -> Iterator[CheckpointCoordinator]:
 
 def commit(coordinator: CheckpointCoordinator, step: int, *, checkpoint: bool = False) -> None:
     """Commit ``step`` through the real save path (torch files written by background saves)."""
-    storage = coordinator.storage
-    folder = step_dir(step)
-    weights = {"w": torch.full((32,), float(step))}
-    coordinator.save_async(
-        "model", partial(save_torch, storage, f"{folder}/model.pt", weights), step, True
-    )
-    if checkpoint:
-        coordinator.save_async(
-            "optim", partial(save_torch, storage, f"{folder}/optim.pt", {"step": step}), step
-        )
-        coordinator.register_and_monitor_sync(
-            step, False, state_dict_thread_count=1, checkpoint_thread_count=1
-        )
-    else:
-        coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1)
-    coordinator.wait_all()
+    commit_step(coordinator, step, checkpoint=checkpoint, numel=32)
 
 
 def steps_on(storage: StorageBackend) -> list[int]:

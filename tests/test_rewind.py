@@ -6,11 +6,9 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import pytest
-import torch
 
 from commitpoint import (
     CheckpointCoordinator,
@@ -22,13 +20,11 @@ from commitpoint import (
     SaveFailed,
     StepRegression,
     advance_pointer,
-    save_torch,
 )
-from commitpoint.layout import step_dir
 from commitpoint.manifest import manifest_path
 from commitpoint.rewind import RewindRecord, append_history, read_history, rewind
 from commitpoint.storage.protocol import StorageBackend
-from commitpoint.testing import CheckpointRoot, memory_root
+from commitpoint.testing import CheckpointRoot, commit_step, memory_root
 
 
 @pytest.fixture
@@ -37,26 +33,7 @@ def root(any_checkpoint_root: CheckpointRoot) -> CheckpointRoot:
     return any_checkpoint_root
 
 
-def commit(
-    coordinator: CheckpointCoordinator, step: int, *, checkpoint: bool = False, value: float = 0.0
-) -> None:
-    """Commit ``step`` through the real save path; the weights hold ``step + value``."""
-    storage = coordinator.storage
-    folder = step_dir(step)
-    weights = {"w": torch.full((16,), step + value)}
-    coordinator.save_async(
-        "model", partial(save_torch, storage, f"{folder}/model.pt", weights), step, True
-    )
-    if checkpoint:
-        coordinator.save_async(
-            "optim", partial(save_torch, storage, f"{folder}/optim.pt", {"step": step}), step
-        )
-        coordinator.register_and_monitor_sync(
-            step, False, state_dict_thread_count=1, checkpoint_thread_count=1
-        )
-    else:
-        coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1)
-    coordinator.wait_all()
+commit = commit_step
 
 
 @pytest.fixture

@@ -6,11 +6,9 @@ import asyncio
 import logging
 import threading
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import pytest
-import torch
 
 from commitpoint import (
     CheckpointCoordinator,
@@ -19,11 +17,9 @@ from commitpoint import (
     Kind,
     StorageError,
     rewind_pointer,
-    save_torch,
 )
-from commitpoint.layout import step_dir
 from commitpoint.storage.protocol import PointerState, StorageBackend
-from commitpoint.testing import CheckpointRoot
+from commitpoint.testing import CheckpointRoot, commit_step
 from commitpoint.watch import awatch, watch
 
 FAST: dict[str, Any] = {"interval": 0.01, "max_interval": 0.05}
@@ -42,12 +38,7 @@ def coordinator(root: CheckpointRoot) -> Iterator[CheckpointCoordinator]:
 
 
 def commit(coordinator: CheckpointCoordinator, step: int) -> None:
-    storage = coordinator.storage
-    weights = {"w": torch.full((16,), float(step))}
-    path = f"{step_dir(step)}/model.pt"
-    coordinator.save_async("model", partial(save_torch, storage, path, weights), step, True)
-    coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1)
-    coordinator.wait_all()
+    commit_step(coordinator, step)
 
 
 def _committing_thread(

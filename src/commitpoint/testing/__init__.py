@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import shutil
 import tempfile
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from commitpoint.coordinator import CheckpointCoordinator
 from commitpoint.layout import Kind
 from commitpoint.manifest import Manifest
 from commitpoint.monitor import CheckpointMonitor
@@ -96,6 +98,44 @@ def shutdown_servers() -> None:
 atexit.register(shutdown_servers)
 
 
+def commit_step(
+    coordinator: CheckpointCoordinator,
+    step: int,
+    *,
+    checkpoint: bool = False,
+    value: float = 0.0,
+    numel: int = 16,
+) -> None:
+    """Commit ``step`` through the real save path, as a trainer would.
+
+    A background save writes ``model.pt`` (a tensor of ``numel`` values ``step + value``); with
+    ``checkpoint`` a second save writes ``optim.pt`` and the step commits as a full checkpoint.
+    Returns once committed; a failed save raises :class:`~commitpoint.errors.SaveFailed`.
+    """
+    import torch
+
+    from commitpoint.layout import step_dir
+    from commitpoint.torch_io import save_torch
+
+    storage = coordinator.storage
+    folder = step_dir(step)
+    weights = {"w": torch.full((numel,), step + value)}
+    coordinator.save_async(
+        "model", functools.partial(save_torch, storage, f"{folder}/model.pt", weights), step, True
+    )
+    if checkpoint:
+        optim = {"step": step}
+        coordinator.save_async(
+            "optim", functools.partial(save_torch, storage, f"{folder}/optim.pt", optim), step
+        )
+        coordinator.register_and_monitor_sync(
+            step, False, state_dict_thread_count=1, checkpoint_thread_count=1
+        )
+    else:
+        coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1)
+    coordinator.wait_all()
+
+
 def unique_name(prefix: str = "cp") -> str:
     """A name no other test in this run uses (valid as a bucket name)."""
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
@@ -133,6 +173,7 @@ def _drop_memory(url: str) -> None:
 __all__ = [
     "CheckpointRoot",
     "MissingTestDependency",
+    "commit_step",
     "local_root",
     "memory_root",
     "register_shutdown",
