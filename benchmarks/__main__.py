@@ -47,8 +47,15 @@ MODULES = (
 )
 """Every benchmark module, in the order they run and appear; missing ones are skipped."""
 
-OURS = {"stall", "local_throughput", "commit_latency", "monitor_scaling", "load_throughput"}
-SIZED = {"stall", "local_throughput", "load_throughput"}
+OURS = {
+    "stall",
+    "local_throughput",
+    "commit_latency",
+    "monitor_scaling",
+    "load_throughput",
+    "staging_stall",
+}
+SIZED = {"stall", "local_throughput", "load_throughput", "staging_stall"}
 PREFERRED = ("case", "method", "median", "min", "max", "unit", "runs", "ratio", "ratio_to")
 
 

@@ -16,6 +16,8 @@ from commitpoint.errors import (
     InvalidStep,
     MonitorRestarted,
     SaveFailed,
+    StagingFailed,
+    StagingTimeout,
     StepRegression,
     StorageError,
     WriterFenced,
@@ -26,6 +28,7 @@ from commitpoint.monitor import CheckpointMonitor
 from commitpoint.pointer import advance_pointer, read_step, rewind_pointer
 from commitpoint.reader import CheckpointReader
 from commitpoint.retention import RetentionPolicy, RetentionResult
+from commitpoint.staging import StagedStateDict, Stager, StagingOptions, StagingStats
 from commitpoint.storage import (
     FileInfo,
     FileRecord,
@@ -65,6 +68,12 @@ __all__ = [
     "RetentionResult",
     "SaveFailed",
     "SaveStrategy",
+    "StagedStateDict",
+    "Stager",
+    "StagingFailed",
+    "StagingOptions",
+    "StagingStats",
+    "StagingTimeout",
     "StepRegression",
     "StorageBackend",
     "StorageError",

@@ -4,6 +4,10 @@
 the monitor for a save slot (per the save strategy), runs the save function, and reports the
 outcome with the records of every file written through :attr:`CheckpointCoordinator.storage`.
 A failure is logged at once and re-raised by :meth:`wait_all`; it never blocks other saves.
+
+``stage`` + ``save_staged_async`` do the same for live tensors: the snapshot is copied in the
+background (:mod:`commitpoint.staging`), and the save thread waits for it, writes it and gives its
+buffers back; a failed copy fails the save like any other error.
 """
 
 from __future__ import annotations
@@ -12,18 +16,30 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from commitpoint.errors import InvalidArgument, SaveFailed, StepRegression
-from commitpoint.layout import Kind, check_name, check_step, step_dir
+from commitpoint.errors import (
+    InvalidArgument,
+    MonitorRestarted,
+    SaveFailed,
+    StepRegression,
+    WriterFenced,
+    redact,
+)
+from commitpoint.layout import WRITER_EPOCH, Kind, check_name, check_step, step_dir, step_of_path
+from commitpoint.manifest import read_manifest_for
 from commitpoint.monitor_client import MonitorClient
+from commitpoint.staging import StagedStateDict, Stager, StagingOptions
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.storage.registry import open_storage
 
 logger = logging.getLogger(__name__)
 
 SaveFn = Callable[[], object]
+TRACKED_STEP_EPOCHS = 1024
+"""Recent steps whose monitor epoch is remembered, to notice a monitor restart mid-step."""
+StagedSaveFn = Callable[[dict[str, Any]], object]
 
 
 def _default_node_id() -> str:
@@ -47,7 +63,8 @@ class CheckpointCoordinator:
     """Runs saves in the background and reports them to a :class:`CheckpointMonitor`.
 
     ``checkpoint_monitor`` is an in-process monitor or the actor handle returned by
-    :meth:`CheckpointMonitor.get_actor`.
+    :meth:`CheckpointMonitor.get_actor`. ``staging`` configures the :class:`Stager` behind
+    :meth:`stage` (made on first use).
     """
 
     def __init__(
@@ -56,15 +73,23 @@ class CheckpointCoordinator:
         *,
         node_id: str | None = None,
         job_id: str | None = None,
+        staging: StagingOptions | None = None,
     ) -> None:
         self._monitor = MonitorClient(checkpoint_monitor)
         url, options = self._monitor.call("storage_config")
         self._storage = open_storage(url, **options)
+        self._writer_epoch: int | None = None
+        self._saving = threading.local()  # epoch and kind of the save this thread runs
+        self._step_epochs: dict[int, int] = {}
+        if hasattr(self._storage, "publish_guard"):
+            self._storage.publish_guard = self._guard_publish
         self._node_id = node_id or _default_node_id()
         self._job_id = job_id or str(os.getpid())
         self._threads: dict[str, threading.Thread] = {}
         self._failures: list[SaveFailed] = []
         self._lock = threading.Lock()
+        self._staging_options = staging
+        self._stager: Stager | None = None
 
     @property
     def storage(self) -> StorageBackend:
@@ -88,13 +113,23 @@ class CheckpointCoordinator:
         check_name(name)
         _check_save_fn(save_fn)
         check_step(global_step)
+        return self._start(name, save_fn, global_step, bool(is_state_dict), None)
+
+    def _start(
+        self,
+        name: str,
+        save_fn: SaveFn,
+        step: int,
+        is_state_dict: bool,
+        cleanup: Callable[[], None] | None,
+    ) -> threading.Thread:
         with self._lock:
             previous = self._threads.pop(name, None)
         if previous is not None:
             previous.join()
         thread = threading.Thread(
             target=self._run,
-            args=(name, save_fn, global_step, bool(is_state_dict)),
+            args=(name, save_fn, step, is_state_dict, cleanup),
             name=f"commitpoint-save-{name}",
             daemon=True,
         )
@@ -102,6 +137,58 @@ class CheckpointCoordinator:
             self._threads[name] = thread
         thread.start()
         return thread
+
+    # -- staging ------------------------------------------------------------------------------
+    @property
+    def stager(self) -> Stager:
+        """The :class:`Stager` behind :meth:`stage` (its ``stats`` show buffer reuse)."""
+        with self._lock:
+            if self._stager is None:
+                self._stager = Stager(self._staging_options)
+            return self._stager
+
+    def stage(
+        self, state_dict: Mapping[str, Any], *, timeout: float | None = None
+    ) -> StagedStateDict:
+        """Snapshot ``state_dict`` in the background; see :meth:`Stager.stage`.
+
+        Call ``wait()`` on the result before the next ``optimizer.step()``, and hand it to
+        :meth:`save_staged_async`.
+        """
+        return self.stager.stage(state_dict, timeout=timeout)
+
+    def save_staged_async(
+        self,
+        name: str,
+        staged: StagedStateDict,
+        save_fn: StagedSaveFn,
+        global_step: int,
+        is_state_dict: bool = False,
+    ) -> threading.Thread:
+        """:meth:`save_async` of ``save_fn(staged.state_dict())``; the save owns ``staged``.
+
+        The thread waits for the copy, runs the save, and releases the buffers whatever happens;
+        a failed copy fails the save (:class:`SaveFailed` from :meth:`wait_all`, step not
+        committed).
+        """
+        check_name(name)
+        if not callable(save_fn):
+            raise InvalidArgument(f"save_fn must take the staged state dict, got {save_fn!r}")
+        check_step(global_step)
+        if not isinstance(staged, StagedStateDict):
+            raise InvalidArgument(f"staged must come from stage(), got {type(staged).__name__}")
+        release = staged._hand_over()
+        try:
+            return self._start(
+                name,
+                lambda: save_fn(staged.state_dict()),
+                global_step,
+                bool(is_state_dict),
+                release,
+            )
+        except BaseException:
+            release()
+            raise
 
     def save_sync(self, save_fn: SaveFn, global_step: int, is_state_dict: bool = False) -> None:
         """Run ``save_fn`` now, in this thread; raise :class:`SaveFailed` if it fails."""
@@ -111,8 +198,19 @@ class CheckpointCoordinator:
         if failure is not None:
             raise failure
 
-    def _run(self, name: str, save_fn: SaveFn, step: int, is_state_dict: bool) -> None:
-        failure = self._run_save(name, save_fn, step, is_state_dict)
+    def _run(
+        self,
+        name: str,
+        save_fn: SaveFn,
+        step: int,
+        is_state_dict: bool,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        try:
+            failure = self._run_save(name, save_fn, step, is_state_dict)
+        finally:
+            if cleanup is not None:
+                cleanup()
         if failure is not None:
             with self._lock:
                 self._failures.append(failure)
@@ -125,20 +223,34 @@ class CheckpointCoordinator:
             latest = self._monitor.call("notify_started", self._node_id, self._job_id)
             started = True
             self._refuse_committed_step(step, is_state_dict, latest)
-            save_fn()
+            self._writer_epoch = self._saving.epoch = latest.get("writer_epoch")
+            self._saving.kind = Kind.of(is_state_dict)
+            self._refuse_if_fenced()
+            try:
+                save_fn()
+            finally:
+                self._saving.kind = self._saving.epoch = None
             records = self._storage.take_records(step_dir(step))
-            self._monitor.call("notify_finished", step, is_state_dict, name=name, files=records)
+            self._monitor.call(
+                "notify_finished",
+                step,
+                is_state_dict,
+                name=name,
+                files=records,
+                writer_epoch=self._writer_epoch_of(step, latest.get("writer_epoch")),
+            )
             return None
         except BaseException as exc:  # every failure must reach wait_all
             self._storage.take_records(step_dir(step))
-            logger.error("save %r of step %d failed: %s: %s", name, step, type(exc).__name__, exc)
+            described = redact(f"{type(exc).__name__}: {exc}")
+            logger.error("save %r of step %d failed: %s", name, step, described)
             try:
                 self._monitor.call(
                     "notify_failed",
                     step,
                     is_state_dict,
                     name=name,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=described,
                     started=started,
                 )
             except Exception as report_exc:  # the monitor itself is gone; still fail loudly
@@ -157,6 +269,53 @@ class CheckpointCoordinator:
         latest = latest_steps[kind.value]
         if latest is not None and step <= latest:
             raise StepRegression(self._storage.url_for(kind.pointer), latest, step)
+
+    def _writer_epoch_of(self, step: int, epoch: int | None) -> int | None:
+        """The monitor epoch the first save or registration of ``step`` here saw."""
+        if epoch is None:
+            return None
+        with self._lock:
+            first = self._step_epochs.setdefault(step, epoch)
+            while len(self._step_epochs) > TRACKED_STEP_EPOCHS:
+                del self._step_epochs[min(self._step_epochs)]
+        return first
+
+    def _check_epoch(self, step: int, epoch: object) -> None:
+        """Fail a registration that reached a restarted monitor after saves of its step
+        reported to the one before: the restarted monitor will never commit that step."""
+        if not isinstance(epoch, int):
+            return
+        first = self._writer_epoch_of(step, epoch)
+        if first is not None and first != epoch:
+            raise MonitorRestarted(step, first, epoch)
+
+    def _refuse_if_fenced(self) -> None:
+        """Never write for a monitor that a newer one has fenced (a zombie of a restarted job):
+        its files could replace files of steps the new job commits."""
+        expected = getattr(self._saving, "epoch", None) or self._writer_epoch
+        if expected is None:
+            return
+        current = self._storage.read_pointer(WRITER_EPOCH).value
+        if current != expected:
+            raise WriterFenced(self._storage.url, expected, current)
+
+    def _guard_publish(self, relpath: str) -> None:
+        """Run right before a file written through :attr:`storage` becomes visible: refuse if
+        this writer was fenced, or if the file's step is already committed (by anyone) for the
+        kind being saved, so a committed file is never replaced."""
+        self._refuse_if_fenced()
+        kind: Kind | None = getattr(self._saving, "kind", None)
+        target = step_of_path(relpath)
+        if kind is None or target is None:
+            return
+        current = self._storage.read_pointer(kind.pointer).value
+        if current is None or target > current:
+            return
+        # The pointer names this step, or a later one and this step has its manifest: either way
+        # the step's files are committed. (A late step below the pointer without a manifest is
+        # not, and may still finish.)
+        if target == current or read_manifest_for(self._storage, target, kind) is not None:
+            raise StepRegression(self._storage.url_for(kind.pointer), current, target)
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Wait for every background save; raise :class:`SaveFailed` if any of them failed.
@@ -200,7 +359,9 @@ class CheckpointCoordinator:
             checkpoint_thread_count,
             participants,
         ):
-            await self._monitor.acall(method, *args, **kwargs)
+            result = await self._monitor.acall(method, *args, **kwargs)
+            if method == "monitor_step":
+                self._check_epoch(global_step, result)
 
     def register_and_monitor_sync(
         self,
@@ -219,7 +380,9 @@ class CheckpointCoordinator:
             checkpoint_thread_count,
             participants,
         ):
-            self._monitor.call(method, *args, **kwargs)
+            result = self._monitor.call(method, *args, **kwargs)
+            if method == "monitor_step":
+                self._check_epoch(global_step, result)
 
     @staticmethod
     def _registration(

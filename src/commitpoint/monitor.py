@@ -105,7 +105,7 @@ class CheckpointMonitor:
                 f"got {save_strategy!r}"
             ) from None
         self._storage = open_storage(storage_url, **self._storage_options)
-        self._lease = WriterLease(self._storage)
+        self._lease = WriterLease(self._storage, seal=[kind.pointer for kind in Kind])
         self._lock = threading.Condition()
         self._commit_lock = threading.Lock()
         self._steps: dict[int, _StepState] = {}
