@@ -45,7 +45,10 @@ class FsspecWriter:
         self._track = track
         self._storage = storage
         self._raw = raw
-        self._checksum = Checksum(storage.checksum_algorithm)
+        # A raw file that checksums what it writes (on its own thread) saves the caller the pass.
+        own = getattr(raw, "checksum", None)
+        self._raw_checksums = isinstance(own, Checksum)
+        self._checksum = own if isinstance(own, Checksum) else Checksum(storage.checksum_algorithm)
         self._size = 0
         self._record: FileRecord | None = None
         self._closed = False
@@ -63,7 +66,8 @@ class FsspecWriter:
         except Exception as exc:
             self.failure = self._storage._translate_error("write", self.path, exc)
             raise self.failure from exc
-        self._checksum.update(view)
+        if not self._raw_checksums:
+            self._checksum.update(view)
         self._size += len(view)
         return len(view)
 

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from commitpoint.checksum import Checksum
 from commitpoint.layout import TEMP_MARKER
 
 BUFFER_SIZE = 16 * 1024 * 1024
@@ -75,6 +76,7 @@ class DirectFile:
         *,
         direct: bool = True,
         before_publish: Callable[[], None] | None = None,
+        checksum: Checksum | None = None,
     ) -> None:
         """The bytes go to a hidden temporary file beside ``path`` and are renamed over it on
         close, after ``before_publish`` (which may raise to abandon the write) has run: a reader,
@@ -85,6 +87,8 @@ class DirectFile:
             f".{os.path.basename(path)}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}",
         )
         self._before_publish = before_publish
+        self.checksum = checksum
+        """Updated with every byte, in order, on the writer thread (off the caller's path)."""
         self._direct = direct and bool(_O_DIRECT)
         self._fd: int | None = None
         self._buffer = _take_buffer()
@@ -123,7 +127,10 @@ class DirectFile:
             buffer, length, offset = item
             try:
                 if self._error is None:
-                    _write_all(self._fd, memoryview(buffer)[:length], offset)
+                    data = memoryview(buffer)[:length]
+                    if self.checksum is not None:
+                        self.checksum.update(data)
+                    _write_all(self._fd, data, offset)
             except BaseException as exc:
                 self._error = exc
             finally:
@@ -178,6 +185,8 @@ class DirectFile:
             self._stop_pipeline()
             self._raise_pending()
             tail = memoryview(self._buffer)[: self._filled]
+            if self.checksum is not None:
+                self.checksum.update(tail)
             if self._fd is not None and self._direct:
                 aligned = len(tail) - len(tail) % ALIGNMENT
                 _write_all(self._fd, tail[:aligned], self._offset)

@@ -18,6 +18,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
+from commitpoint.checksum import Checksum
 from commitpoint.errors import CommitConflict, StorageError
 from commitpoint.layout import META_DIR, safe_relpath
 from commitpoint.storage.base import FsspecStorage
@@ -56,7 +57,12 @@ class LocalBackend(FsspecStorage):
         guard = self.publish_guard
         relpath = self._relative(full)
         before_publish = None if guard is None else (lambda: guard(relpath))
-        return DirectFile(full, direct=self._direct_io, before_publish=before_publish)
+        return DirectFile(
+            full,
+            direct=self._direct_io,
+            before_publish=before_publish,
+            checksum=Checksum(self.checksum_algorithm),
+        )
 
     def _before_publish(self, relpath: str) -> None:
         """The guard runs inside :class:`DirectFile`, just before its rename."""
