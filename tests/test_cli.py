@@ -18,7 +18,7 @@ from commitpoint import CheckpointCoordinator, CheckpointMonitor, Kind, save_tor
 from commitpoint.cli import CORRUPT, NOT_FOUND, OK, STORAGE, USAGE, main
 from commitpoint.layout import step_dir
 from commitpoint.rewind import read_history
-from commitpoint.testing import CheckpointRoot
+from commitpoint.testing import CheckpointRoot, commit_step
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -254,3 +254,40 @@ def test_progress_bar_only_on_a_terminal(trained: CheckpointRoot) -> None:
     assert err.getvalue().endswith("\r")  # the bar is erased once done
     code, _, plain = run("verify", trained.url, "--kind", "checkpoint")
     assert (code, plain) == (OK, "")
+
+
+def _cli_options(root: CheckpointRoot) -> list[str]:
+    """The root's storage options as ``--option`` arguments (structured values as JSON)."""
+    args: list[str] = []
+    for key, value in root.storage_options.items():
+        shown = value if isinstance(value, str) else json.dumps(value)
+        args += ["--option", f"{key}={shown}"]
+    return args
+
+
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_commands_work_on_object_stores(backend: str, request: pytest.FixtureRequest) -> None:
+    root: CheckpointRoot = request.getfixturevalue(f"{backend}_checkpoint_root")
+    coordinator = CheckpointCoordinator(root.monitor())
+    for step in (1, 2):
+        commit_step(coordinator, step, checkpoint=step == 2)
+    options = _cli_options(root)
+
+    code, out, err = run("ls", root.url, *options, "--json")
+    assert code == OK, err
+    data = json.loads(out)
+    assert data["latest"] == {"state_dict": 2, "checkpoint": 2}
+    assert [s["step"] for s in data["steps"]] == [1, 2]
+
+    code, out, _ = run("verify", root.url, *options, "--step", "1")
+    assert code == OK and "ok" in out
+
+    code, out, _ = run("rewind", root.url, *options, "--to", "1", "--kind", "state_dict")
+    assert code == OK
+    assert root.committed_steps() == {"state_dict": 1, "checkpoint": 2}
+
+
+def test_a_structured_option_must_be_valid_json(root: CheckpointRoot) -> None:
+    code, _, err = run("ls", root.url, "--option", "client_kwargs={not json")
+    assert code == USAGE
+    assert "client_kwargs" in err and "not valid JSON" in err

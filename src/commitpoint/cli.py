@@ -123,8 +123,19 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidArgument(f"--option needs KEY=VALUE, got {pair!r}")
-        options[key] = value
+        options[key] = _option_value(key, value)
     return options
+
+
+def _option_value(key: str, value: str) -> Any:
+    """A JSON object or list stays structured (``client_kwargs={"region_name": "eu-west-1"}``);
+    anything else is the string as given."""
+    if not value.startswith(("{", "[")):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"--option {key}: value is not valid JSON: {exc}") from None
 
 
 def _open(args: argparse.Namespace) -> StorageBackend:
