@@ -1,5 +1,5 @@
 """commitpoint's S3 backend (``s3://`` and ``s3a://``), registered through entry points."""
 
-from commitpoint_s3.backend import S3Backend
+from commitpoint_s3.backend import S3Backend, S3PermissionError
 
-__all__ = ["S3Backend"]
+__all__ = ["S3Backend", "S3PermissionError"]

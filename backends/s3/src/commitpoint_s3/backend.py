@@ -1,64 +1,83 @@
-"""S3 backend: pointer commits by conditional PutObject, everything else through s3fs.
+"""S3 backend: pointer commits by conditional PutObject, large files by parallel multipart upload.
 
 A pointer is created with ``If-None-Match: *`` and replaced with ``If-Match: <ETag>``; S3 answers
 412 when the precondition fails, which becomes :class:`CommitConflict` and sends the core's
-compare-and-swap loop back to re-read. Pointer calls go to the client s3fs wraps, not through
-s3fs's error translation, so the S3 error code is kept. Large files stream as multipart uploads
-(s3fs), one part of ``part_size`` bytes at a time; a failed upload is aborted.
+compare-and-swap loop back to re-read. Pointer calls and uploads go to the aiobotocore client s3fs
+wraps, not through s3fs's error translation, so the S3 error code is kept. Large files stream as
+multipart uploads with up to ``max_concurrency`` parts of ``part_size`` bytes in flight
+(:mod:`commitpoint_s3.multipart`); a failed upload is aborted. Reads, listings and deletes go
+through s3fs.
 """
 
 from __future__ import annotations
 
-import logging
-import random
-import time
 from typing import Any
 
 from fsspec.asyn import sync
 
-from commitpoint.errors import CommitConflict, StorageError
+from commitpoint.errors import CommitConflict, InvalidArgument, StorageError
 from commitpoint.layout import safe_relpath
 from commitpoint.storage.base import FsspecStorage
 from commitpoint.storage.protocol import PointerState
-
-logger = logging.getLogger(__name__)
+from commitpoint_s3.multipart import MAX_PART_SIZE, MIN_PART_SIZE, ParallelMultipartUpload
+from commitpoint_s3.retry import AUTH_CODES, call_with_retries, client_call, error_code
 
 DEFAULT_PART_SIZE = 64 * 1024 * 1024
-_TRANSIENT_CODES = {
-    "SlowDown",
-    "InternalError",
-    "ServiceUnavailable",
-    "RequestTimeout",
-    "503",
-    "500",
-}
+DEFAULT_MAX_CONCURRENCY = 8
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
-_CAUSES = {
-    "NoSuchBucket": "the bucket does not exist",
-    "AccessDenied": "access denied",
-    "InvalidAccessKeyId": "the access key is not valid (bad credentials)",
-    "SignatureDoesNotMatch": "the secret key does not match (bad credentials)",
-    "ExpiredToken": "the session token has expired",
-}
+_MISSING_BUCKET = {"NoSuchBucket": "the bucket does not exist"}
 
 
-def _error_code(exc: BaseException) -> tuple[str | None, int | None]:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None, None
-    code = response.get("Error", {}).get("Code")
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code, status
+class S3PermissionError(StorageError, PermissionError):
+    """S3 refused the request: bad or expired credentials, or no permission (HTTP 401/403).
+
+    Also a :class:`PermissionError`, so ``except PermissionError`` catches it on any backend that
+    raises one; ``code`` is S3's error code (e.g. ``AccessDenied``), ``status`` the HTTP status.
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        path: str,
+        cause: BaseException | str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(operation, path, cause)
+        self.code = code
+        self.status = status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {"code": self.code, "status": self.status}
+        return (_rebuild_permission_error, (self.operation, self.path, str(self.cause)), state)
+
+
+def _rebuild_permission_error(operation: str, path: str, cause: str) -> S3PermissionError:
+    return S3PermissionError(operation, path, cause)
+
+
+def _positive_int(name: str, value: int | str, low: int = 1, high: int | None = None) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"S3 option {name} must be an integer, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise InvalidArgument(f"S3 option {name} must be {bounds}, got {number}")
+    return number
 
 
 class S3Backend(FsspecStorage):
     """Checkpoints under ``s3://bucket/prefix``.
 
-    Options consumed here: ``part_size`` (bytes per multipart part, default 64 MiB),
-    ``retries`` (attempts for pointer operations and for s3fs's data transfers, default 5).
-    Everything else goes to
-    :class:`s3fs.S3FileSystem` (``endpoint_url``, ``key``, ``secret``, ``token``, ``profile``,
-    ``client_kwargs``, ...); the usual AWS environment variables work as with s3fs.
+    Options consumed here: ``part_size`` (bytes per multipart part, 5 MiB to 5 GiB, default
+    64 MiB), ``max_concurrency`` (parts uploaded at once per open file, default 8; an open file
+    buffers at most ``part_size * (max_concurrency + 1)`` bytes), ``retries`` (attempts for every
+    request commitpoint makes, and for s3fs's own reads and listings, default 5). Everything else
+    goes to :class:`s3fs.S3FileSystem` (``endpoint_url``, ``key``, ``secret``, ``token``,
+    ``profile``, ``client_kwargs``, ``config_kwargs``, ...); the usual AWS environment variables
+    work as with s3fs.
     """
 
     def __init__(
@@ -66,21 +85,35 @@ class S3Backend(FsspecStorage):
         url: str,
         *,
         part_size: int | str = DEFAULT_PART_SIZE,
+        max_concurrency: int | str = DEFAULT_MAX_CONCURRENCY,
         retries: int | str = 5,
         **storage_options: Any,
     ) -> None:
         import s3fs
 
-        self._part_size = int(part_size)
-        self._retries = max(1, int(retries))
-        fs = s3fs.S3FileSystem(**storage_options)
-        fs.retries = self._retries  # s3fs's own retry count for data transfers
+        self._part_size = _positive_int("part_size", part_size, MIN_PART_SIZE, MAX_PART_SIZE)
+        self._max_concurrency = _positive_int("max_concurrency", max_concurrency)
+        self._retries = _positive_int("retries", retries)
+        fs_options = dict(storage_options)
+        config = dict(fs_options.get("config_kwargs") or {})
+        # Enough pooled connections for every part in flight plus pointer and listing calls.
+        config.setdefault("max_pool_connections", max(10, self._max_concurrency + 2))
+        # botocore's own default; s3fs's 15 s can expire while S3 assembles a multi-GiB object.
+        config.setdefault("read_timeout", 60)
+        fs_options["config_kwargs"] = config
+        # Listings are always fresh: uploads bypass s3fs, and other processes write the same root.
+        fs_options.setdefault("use_listings_cache", False)
+        # A private filesystem: s3fs caches instances by their options, and this backend sets
+        # the instance's retry count, which must not leak into other backends or users.
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **fs_options)
+        fs.retries = self._retries
         path = url.split("://", 1)[1] if "://" in url else url
         super().__init__(
             "s3://" + path.strip("/"),
             fs,
             path.strip("/"),
             part_size=self._part_size,
+            max_concurrency=self._max_concurrency,
             retries=self._retries,
             **storage_options,
         )
@@ -96,51 +129,33 @@ class S3Backend(FsspecStorage):
     def _raw(self, method: str, **kwargs: Any) -> Any:
         """Call the S3 client directly (keeping its error codes), retrying transient failures."""
         fs: Any = self.fs
+        where = f"s3://{kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}"
 
         async def call() -> Any:
-            await fs.set_session()
-            return await getattr(fs.s3, method)(**kwargs)
+            client = await fs.set_session()
+            return await call_with_retries(
+                method, self._retries, client_call(client, method, **kwargs), where=where
+            )
 
-        for attempt in range(self._retries):
-            try:
-                return sync(fs.loop, call)
-            except Exception as exc:
-                code, status = _error_code(exc)
-                transient = (
-                    code in _TRANSIENT_CODES
-                    or (status is not None and status >= 500)
-                    or (code is None and isinstance(exc, OSError | TimeoutError))
-                    or type(exc).__name__
-                    in {
-                        "EndpointConnectionError",
-                        "ConnectionClosedError",
-                        "ReadTimeoutError",
-                        "ConnectTimeoutError",
-                        "ServerDisconnectedError",
-                        "ClientOSError",
-                    }
-                )
-                if not transient or attempt == self._retries - 1:
-                    raise
-                delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
-                logger.warning(
-                    "S3 %s failed (%s); retrying in %.2f s",
-                    method,
-                    code or type(exc).__name__,
-                    delay,
-                )
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        return sync(fs.loop, call)
 
     def _translate_error(self, operation: str, relpath: str, exc: BaseException) -> Exception:
-        code, _ = _error_code(exc)
-        if code is None and isinstance(exc.__cause__ or exc.__context__, Exception):
-            code, _ = _error_code(exc.__cause__ or exc.__context__)  # type: ignore[arg-type]
+        """Map S3's answer to a typed error naming the object; 401/403 become S3PermissionError."""
+        code, status = error_code(exc)
+        if code is None:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, Exception):
+                code, status = error_code(cause)
         where = self.url_for(relpath) if relpath else self.url
-        if code in _CAUSES:
-            return StorageError(operation, where, f"{_CAUSES[code]} ({code})")
+        if code in AUTH_CODES or status in (401, 403):
+            reason = AUTH_CODES.get(code or "", "access denied or bad credentials")
+            return S3PermissionError(
+                operation, where, f"{reason} ({code or status})", code=code, status=status
+            )
+        if code in _MISSING_BUCKET:
+            return StorageError(operation, where, f"{_MISSING_BUCKET[code]} ({code})")
         if isinstance(exc, PermissionError):
-            return StorageError(operation, where, "access denied or bad credentials")
+            return S3PermissionError(operation, where, "access denied or bad credentials")
         if isinstance(exc, FileNotFoundError) and "bucket" in str(exc).lower():
             return StorageError(operation, where, "the bucket does not exist (NoSuchBucket)")
         return super()._translate_error(operation, relpath, exc)
@@ -158,7 +173,7 @@ class S3Backend(FsspecStorage):
 
             data = sync(self.fs.loop, read_all)
         except Exception as exc:
-            if _error_code(exc)[0] in {"NoSuchKey", "404"}:
+            if error_code(exc)[0] in {"NoSuchKey", "404"}:
                 return PointerState(None, None)
             raise self._translate_error("read pointer", name, exc) from exc
         return PointerState(self._decode_pointer(name, data), str(response["ETag"]))
@@ -176,17 +191,26 @@ class S3Backend(FsspecStorage):
                 **condition,
             )
         except Exception as exc:
-            code, status = _error_code(exc)
+            code, status = error_code(exc)
             if code in _CONFLICT_CODES or status in (409, 412):
                 raise CommitConflict(self.url_for(name), code or str(status)) from exc
             raise self._translate_error("commit pointer", name, exc) from exc
+        self.fs.invalidate_cache(self.full_path(name))
         return str(response["ETag"])
 
     # -- streaming writes -------------------------------------------------------------------
     def _open_raw_write(self, full: str) -> Any:
-        return self.fs.open(full, "wb", block_size=self._part_size)
+        bucket, _, key = full.partition("/")
+        return ParallelMultipartUpload(
+            self.fs,
+            bucket,
+            key,
+            part_size=self._part_size,
+            max_concurrency=self._max_concurrency,
+            attempts=self._retries,
+            where=f"s3://{full}",
+        )
 
     def _abort_raw_write(self, raw: Any, relpath: str) -> None:
-        # s3fs's discard aborts the multipart upload, so no parts are left behind.
+        # Stops the running parts and aborts the multipart upload, so no parts are left behind.
         raw.discard()
-        raw.closed = True

@@ -1,0 +1,344 @@
+"""Streaming uploads to GCS: the writer behind :meth:`GCSBackend.open_write`.
+
+A file smaller than one chunk is a single multipart upload. A larger one is a resumable upload:
+each full chunk of ``chunk_size`` bytes is sent on the filesystem's event loop while the caller
+fills the next one (chunks of one upload must go in order, so one is in flight at a time and an
+open file holds at most two chunks). gcsfs's request layer retries 408/429/5xx answers and dropped
+connections with backoff.
+
+When the upload finishes, GCS answers with the object's metadata. The size it reports must equal
+the bytes sent, and when the writer's checksum is CRC32C (see :mod:`commitpoint.checksum`), the
+``crc32c`` GCS computed must equal it; otherwise the object is deleted and
+:class:`ChecksumMismatch` is raised, so a corrupted upload never reaches a manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+from fsspec.asyn import sync
+
+from commitpoint.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+CHUNK_ALIGNMENT = 256 * 1024  # GCS needs every chunk but the last to be a multiple of this
+_BOUNDARY = "==commitpoint=="
+
+
+class ChecksumMismatch(StorageError):
+    """GCS stored something other than what was written (its crc32c or size differs)."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__("write", path, f"upload corrupted in transit: {detail}; object deleted")
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ChecksumMismatch, (self.path, self.detail))
+
+
+def crc32c_to_base64(value: int) -> str:
+    """A CRC32C as GCS writes it in object metadata: base64 of the 4 big-endian bytes."""
+    return base64.b64encode((value & 0xFFFFFFFF).to_bytes(4, "big")).decode()
+
+
+def crc32c_from_base64(text: str) -> int:
+    """The CRC32C value of GCS's ``crc32c`` metadata field."""
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != 4:
+        raise ValueError(f"a crc32c is 4 bytes, got {len(raw)}")
+    return int.from_bytes(raw, "big")
+
+
+def check_stored(
+    where: str, metadata: dict[str, Any], size: int, expected_crc32c: int | None
+) -> None:
+    """Compare GCS's account of a finished upload with what was sent; raise on a difference.
+
+    ``expected_crc32c`` is None when the writer's checksum is not CRC32C (nothing to compare).
+    """
+    stored_size = metadata.get("size")
+    if stored_size is not None and int(stored_size) != size:
+        raise ChecksumMismatch(where, f"GCS stored {stored_size} bytes, {size} were written")
+    if expected_crc32c is None:
+        return
+    stored = metadata.get("crc32c")
+    if not stored:  # e.g. an emulator or proxy that leaves it out: nothing to compare
+        logger.debug("no crc32c in the upload response for %s", where)
+        return
+    if crc32c_from_base64(str(stored)) != expected_crc32c & 0xFFFFFFFF:
+        raise ChecksumMismatch(
+            where,
+            f"GCS crc32c {stored} != written crc32c {crc32c_to_base64(expected_crc32c)} "
+            f"({expected_crc32c & 0xFFFFFFFF:08x})",
+        )
+
+
+def multipart_body(
+    key: str, content_type: str, data: bytes | bytearray | memoryview
+) -> tuple[bytes, str]:
+    """The body and Content-Type of a one-request (``uploadType=multipart``) upload."""
+    metadata = json.dumps({"name": key, "contentType": content_type})
+    body = b"".join(
+        (
+            f"--{_BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+            f"{metadata}\r\n--{_BOUNDARY}\r\nContent-Type: {content_type}\r\n\r\n".encode(),
+            data,
+            f"\r\n--{_BOUNDARY}--".encode(),
+        )
+    )
+    return body, f'multipart/related; boundary="{_BOUNDARY}"'
+
+
+class ChunkBody(io.BytesIO):
+    """A read-only, seekable view of one chunk's buffer, handed to aiohttp as the request body.
+
+    aiohttp streams it in slices of the buffer itself; given the buffer directly it would join and
+    re-buffer the whole chunk on the event-loop thread (three copies of every byte).
+    """
+
+    SLICE = 1024 * 1024  # what one read returns at least: fewer event-loop turns per chunk
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._pos = 0
+
+    def read(self, size: int | None = -1) -> Any:
+        end = len(self._data)
+        if size is not None and size >= 0:
+            end = min(end, self._pos + max(size, self.SLICE))
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._data)}[whence]
+        self._pos = max(0, min(len(self._data), base + offset))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def getbuffer(self) -> memoryview:
+        return memoryview(self._data)
+
+    def getvalue(self) -> bytes:
+        return bytes(self._data)
+
+    def write(self, data: Any) -> int:
+        raise io.UnsupportedOperation("a chunk body is read-only")
+
+
+class ResumableUpload:
+    """A write-only file object that uploads ``gs://bucket/key`` chunk by chunk."""
+
+    content_type = "application/octet-stream"
+
+    def __init__(self, fs: Any, bucket: str, key: str, *, chunk_size: int, where: str) -> None:
+        self._fs = fs
+        self._bucket = bucket
+        self._key = key
+        self._chunk_size = chunk_size
+        self._where = where
+        self._buffer = bytearray()  # the chunk being filled
+        self._filled = 0
+        self._sending: bytearray | None = None  # the chunk in flight, reused once acknowledged
+        self._location: str | None = None
+        self._offset = 0  # bytes GCS has acknowledged
+        self._size = 0  # bytes written so far
+        self._in_flight: concurrent.futures.Future[Any] | None = None
+        self._expected_crc32c: int | None = None
+        self.metadata: dict[str, Any] | None = None  # GCS's object resource, after close
+        self.closed = False
+
+    def expect_crc32c(self, value: int) -> None:
+        """Have ``close`` compare this CRC32C of all written bytes with the one GCS computed."""
+        self._expected_crc32c = value
+
+    # -- the file interface FsspecWriter uses -----------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.closed:
+            raise ValueError("write to a closed upload")
+        view = memoryview(data).cast("B")
+        written = len(view)
+        self._size += written
+        while view:
+            take = min(len(view), self._chunk_size - self._filled)
+            if self._filled == len(self._buffer):
+                self._buffer += view[:take]  # a new buffer grows to one chunk, then is reused
+            else:
+                self._buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == self._chunk_size:
+                self._ship(final=False)
+        return written
+
+    def flush(self) -> None:
+        """Nothing to do: a chunk is sent as soon as it is full, and the rest at ``close``."""
+
+    def close(self) -> None:
+        """Send what is left, finish the upload and check what GCS stored; on failure, abort."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self._location is None:
+                body = memoryview(self._buffer)[: self._filled]
+                self.metadata = self._run(self._upload_whole, body)
+            else:
+                self._ship(final=True)
+                self._wait()
+            assert self.metadata is not None
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self._release_buffers()
+            self._fs.invalidate_cache(f"{self._bucket}/{self._key}")
+        try:
+            check_stored(self._where, self.metadata, self._size, self._expected_crc32c)
+        except ChecksumMismatch:
+            self._delete_generation(self.metadata.get("generation"))
+            raise
+
+    def discard(self) -> None:
+        """Give up: wait for the chunk in flight, then cancel the resumable session."""
+        self.closed = True
+        self._abort()
+        self._release_buffers()
+
+    # -- caller-side helpers ----------------------------------------------------------------
+    def _ship(self, final: bool) -> None:
+        """Send the buffer as the next chunk once the previous one is acknowledged."""
+        if self._location is None:
+            self._location = self._run(self._initiate)
+        self._wait()
+        buffer, filled = self._buffer, self._filled
+        self._buffer = self._sending if self._sending is not None else bytearray()
+        self._filled = 0
+        self._sending = buffer
+        self._in_flight = asyncio.run_coroutine_threadsafe(
+            self._send_chunk(memoryview(buffer)[:filled], final), self._fs.loop
+        )
+
+    def _wait(self) -> None:
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            future.result()
+
+    def _release_buffers(self) -> None:
+        self._buffer = bytearray()
+        self._filled = 0
+        self._sending = None
+
+    def _abort(self) -> None:
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            concurrent.futures.wait([future])
+        location, self._location = self._location, None
+        if location is None:
+            return
+        try:
+            # GCS answers a DELETE of a session URI with 499: the upload is cancelled.
+            self._run(self._fs._call, "DELETE", location.replace("&ifGenerationMatch=0", ""))
+        except Exception as exc:
+            logger.debug("cancelling the upload session of %s: %s", self._where, type(exc).__name__)
+
+    def _delete_generation(self, generation: Any) -> None:
+        if generation is None:
+            return
+        try:
+            self._run(
+                self._fs._call,
+                "DELETE",
+                "b/{}/o/{}",
+                self._bucket,
+                self._key,
+                ifGenerationMatch=str(generation),
+            )
+        except Exception as exc:
+            logger.warning(
+                "could not delete the corrupted upload %s (%s)", self._where, type(exc).__name__
+            )
+
+    def _run(self, factory: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        return sync(self._fs.loop, factory, *args, **kwargs)
+
+    # -- requests (run on the filesystem's event loop) ---------------------------------------
+    async def _upload_whole(self, data: memoryview) -> dict[str, Any]:
+        body, content_type = multipart_body(self._key, self.content_type, data)
+        result = await self._fs._call(
+            "POST",
+            f"{self._fs._location}/upload/storage/v1/b/{quote(self._bucket)}/o",
+            uploadType="multipart",
+            headers={"Content-Type": content_type},
+            data=body,
+            json_out=True,
+        )
+        return dict(result)
+
+    async def _initiate(self) -> str:
+        headers, _ = await self._fs._call(
+            "POST",
+            f"{self._fs._location}/upload/storage/v1/b/{quote(self._bucket)}/o",
+            uploadType="resumable",
+            json={"name": self._key, "contentType": self.content_type},
+            headers={"X-Upload-Content-Type": self.content_type},
+        )
+        location = headers["Location"]
+        return str(location[0] if isinstance(location, list) else location)
+
+    async def _send_chunk(self, view: memoryview, final: bool) -> None:
+        """Send one chunk; resend whatever GCS did not keep; on the last, keep the metadata."""
+        stalls = 0
+        while True:
+            start = self._offset
+            total = str(start + len(view)) if final else "*"
+            span = f"{start}-{start + len(view) - 1}" if len(view) else "*"
+            assert self._location is not None
+            range_header = f"bytes {span}/{total}"
+            status, headers, _, contents = await self._fs._request(
+                "POST",
+                self._location,
+                headers={"Content-Range": range_header, "Content-Type": self.content_type},
+                data=ChunkBody(view) if len(view) else None,
+            )
+            if status in (200, 201):
+                if not final:
+                    raise StorageError("write", self._where, "GCS ended the upload early")
+                self._offset = start + len(view)
+                self.metadata = dict(json.loads(contents))
+                return
+            # 308 Resume Incomplete: Range says how much GCS holds; send the rest.
+            kept = _kept_through(headers)
+            persisted = start if kept is None else kept + 1
+            if persisted < start or persisted > start + len(view):
+                raise StorageError(
+                    "write", self._where, f"GCS reports {persisted} bytes held, expected {start}+"
+                )
+            stalls = stalls + 1 if persisted == start and len(view) else 0
+            if stalls > 3:
+                raise StorageError("write", self._where, "GCS keeps refusing a chunk")
+            view = view[persisted - start :]
+            self._offset = persisted
+            if not view and not final:
+                return
+
+
+def _kept_through(headers: Any) -> int | None:
+    """The last byte offset GCS says it holds (``Range: bytes=0-N``), or None."""
+    value = headers.get("Range") if headers is not None else None
+    if not value:
+        return None
+    return int(str(value).rsplit("-", 1)[1])
