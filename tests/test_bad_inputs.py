@@ -211,9 +211,7 @@ def test_bad_input_gives_a_typed_error_and_changes_nothing(ctx: Ctx, case: Case)
     ("content", "message"),
     [(b"", "is not a decimal step"), (b"12abc", "is not a decimal step"), (b"-4", "decimal")],
 )
-def test_a_corrupt_pointer_is_reported_not_guessed(
-    ctx: Ctx, content: bytes, message: str
-) -> None:
+def test_a_corrupt_pointer_is_reported_not_guessed(ctx: Ctx, content: bytes, message: str) -> None:
     """Corrupt pointer contents: every reader refuses with CorruptCheckpoint, and a monitor
     refuses to start on such a root rather than overwrite what it cannot read."""
     pointer = "latest_state_dict_iteration.txt"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import zlib
 from typing import Any
 
 import pytest
 
 from commitpoint import open_storage
+from commitpoint.checksum import Checksum
 from commitpoint.storage.direct_io import ALIGNMENT, BUFFER_SIZE, DirectFile
 
 
@@ -43,7 +45,47 @@ def test_backend_records_checksum_of_a_multi_buffer_file(tmp_path: Any) -> None:
     with storage.open_write("global_step_1/big.bin") as writer:
         writer.write(data)
     assert writer.record is not None and writer.record.size == len(data)
+    assert writer.record.checksum == _checksum(data)
     assert storage.read_bytes("global_step_1/big.bin") == data
+
+
+def _checksum(data: bytes) -> str:
+    checksum = Checksum()
+    checksum.update(data)
+    return checksum.hexdigest()
+
+
+def test_queued_buffers_go_down_together_and_in_order(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk slower than the caller lets full buffers queue up; they are written with one
+    pwritev each time, and a pwritev that stops part-way through a buffer is continued."""
+    calls: list[int] = []
+    real_pwritev = os.pwritev
+
+    def slow_and_short(fd: int, views: list[memoryview], offset: int) -> int:
+        calls.append(len(views))
+        time.sleep(0.005)
+        # write at most 1.5 buffers, so batches end part-way through a buffer
+        allowed = BUFFER_SIZE + BUFFER_SIZE // 2 + 3
+        kept: list[memoryview] = []
+        for view in views:
+            if allowed <= 0:
+                break
+            kept.append(view[:allowed])
+            allowed -= len(kept[-1])
+        return real_pwritev(fd, kept, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow_and_short)
+    data = _payload(16 * BUFFER_SIZE + 99)
+    path = str(tmp_path / "f.bin")
+    f = DirectFile(path, direct=False, checksum=Checksum())
+    f.write(data)
+    f.close()
+    with open(path, "rb") as check:
+        assert check.read() == data
+    assert f.checksum is not None and f.checksum.hexdigest() == _checksum(data)
+    assert max(calls) > 1  # buffers did queue up and went down together
 
 
 def test_failed_write_removes_the_partial_file(tmp_path: Any) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +17,7 @@ from commitpoint import (
     load_torch,
     save_torch,
 )
+from commitpoint.checksum import checksum_stream
 from commitpoint.testing import CheckpointRoot
 
 
@@ -74,3 +80,60 @@ def test_load_refuses_arbitrary_pickles_by_default(root: CheckpointRoot) -> None
         torch.save({"x": Sneaky()}, f)
     with pytest.raises(pickle.UnpicklingError):
         load_torch(storage, "global_step_1/evil.pt")
+
+
+def _zip_crc_ok(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip() is None
+
+
+@pytest.mark.parametrize("zip_crc32", [False, True])
+def test_torch_zip_crc32_is_skipped_unless_asked_for(
+    local_checkpoint_root: CheckpointRoot, zip_crc32: bool
+) -> None:
+    """commitpoint's own checksum covers the file, so torch's per-record CRC32 (the slowest part
+    of serialising) is left out by default; the file still loads with plain torch.load."""
+    storage = local_checkpoint_root.open()
+    state = {"weight": torch.randn(256, 256), "step": 7}
+    save_torch(storage, "global_step_1/model.pt", state, zip_crc32=zip_crc32)
+    path = Path(storage.full_path("global_step_1/model.pt"))
+    assert _zip_crc_ok(path) is zip_crc32
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["weight"], state["weight"]) and loaded["step"] == 7
+    [record] = storage.take_records("global_step_1")
+    with path.open("rb") as stream:
+        assert (record.size, record.checksum) == checksum_stream(stream)
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_torch_crc_switch_is_put_back_after_saves_and_failures(
+    memory_checkpoint_root: CheckpointRoot, tmp_path: Path, before: bool
+) -> None:
+    storage = memory_checkpoint_root.open()
+    torch.serialization.set_crc32_options(before)
+    try:
+        save_torch(storage, "global_step_1/model.pt", {"w": torch.ones(3)})
+        assert torch.serialization.get_crc32_options() is before
+        with pytest.raises((pickle.PicklingError, AttributeError)):  # an unpicklable object
+            save_torch(storage, "global_step_2/model.pt", {"f": lambda: None})
+        assert torch.serialization.get_crc32_options() is before
+        # Code outside commitpoint saving after the window closed gets the process setting.
+        torch.save({"w": torch.ones(3)}, tmp_path / "user.pt")
+        assert _zip_crc_ok(tmp_path / "user.pt") is before
+    finally:
+        torch.serialization.set_crc32_options(True)
+
+
+def test_concurrent_saves_share_the_crc_switch(memory_checkpoint_root: CheckpointRoot) -> None:
+    """Many threads saving at once: every file loads, none keeps the switch off afterwards."""
+    storage = memory_checkpoint_root.open()
+    states = {i: {"w": torch.full((64, 64), float(i))} for i in range(16)}
+
+    def save(i: int) -> None:
+        save_torch(storage, f"global_step_{i}/model.pt", states[i])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(save, states))
+    assert torch.serialization.get_crc32_options() is True
+    for i, state in states.items():
+        assert torch.equal(load_torch(storage, f"global_step_{i}/model.pt")["w"], state["w"])

@@ -127,15 +127,20 @@ class CheckpointCoordinator:
             previous = self._threads.pop(name, None)
         if previous is not None:
             previous.join()
+        # The new thread waits for ``go`` before it does anything: otherwise it takes the GIL the
+        # moment it starts and the training loop, blocked in ``start()``, waits up to a whole
+        # switch interval (5 ms) to get it back. Once ``go`` is set the caller returns first.
+        go = threading.Event()
         thread = threading.Thread(
             target=self._run,
-            args=(name, save_fn, step, is_state_dict, cleanup),
+            args=(name, save_fn, step, is_state_dict, cleanup, go),
             name=f"commitpoint-save-{name}",
             daemon=True,
         )
         with self._lock:
             self._threads[name] = thread
         thread.start()
+        go.set()
         return thread
 
     # -- staging ------------------------------------------------------------------------------
@@ -205,7 +210,10 @@ class CheckpointCoordinator:
         step: int,
         is_state_dict: bool,
         cleanup: Callable[[], None] | None = None,
+        go: threading.Event | None = None,
     ) -> None:
+        if go is not None:
+            go.wait()
         try:
             failure = self._run_save(name, save_fn, step, is_state_dict)
         finally:

@@ -41,9 +41,7 @@ class Kind(str, enum.Enum):
 
     @classmethod
     def _missing_(cls, value: object) -> Kind:
-        raise InvalidArgument(
-            f"kind must be one of {[k.value for k in cls]}, got {value!r}"
-        )
+        raise InvalidArgument(f"kind must be one of {[k.value for k in cls]}, got {value!r}")
 
     @classmethod
     def of(cls, is_state_dict: bool) -> Kind:
