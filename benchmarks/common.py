@@ -17,6 +17,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -232,6 +233,21 @@ def markdown_table(rows: list[Row], columns: Sequence[str] | None = None) -> str
     ]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def each_size_in_own_process(module: str, sizes: Sequence[int], extra: Sequence[str]) -> list[Row]:
+    """Rows of ``python -m <module> --sizes S --rows-to F <extra>`` for each size, one process
+    per size: what one size leaves behind (its freed tensors, the writer's pooled buffers) must
+    not change the next one's figures. On the project's VM, write buffers allocated before a
+    large state dict made the same O_DIRECT writes run at half speed."""
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="commitpoint-bench-rows-") as folder:
+        for size in sizes:
+            out = Path(folder) / f"{size}.json"
+            command = [sys.executable, "-m", module, "--sizes", str(size), "--rows-to", str(out)]
+            subprocess.run([*command, *extra], check=True)
+            rows += json.loads(out.read_text())
+    return rows
 
 
 def report(name: str, rows: list[Row]) -> int:

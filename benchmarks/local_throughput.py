@@ -17,13 +17,24 @@ For each state-dict size, every run writes the same state dict four ways, one af
   the ceiling of any save that keeps that CRC32.
 
 Figures are GB/s (10^9 bytes/s of the serialized file size); ``ratio`` is each method's median
-over the buffered disk limit's median, ``ratio_direct`` over the O_DIRECT limit's. The goal for
-commitpoint (>= 0.9) is judged against the higher of the two limits.
+over the higher of the two disk limits' medians (the goal for commitpoint: >= 0.9),
+``ratio_buffered`` over the buffered limit's.
+
+Each size runs in a process of its own. On the project's VM the speed of the same ``O_DIRECT``
+writes depends on where in memory their buffers lie: 4 MiB buffers allocated before a 2 GiB
+state dict wrote at 1.4 GB/s, the same buffers allocated after it at 1.8 GB/s, with no commitpoint
+code involved (plain ``os.pwrite`` loops). commitpoint's pipeline writes from its own pooled
+buffers while the limit row writes from a buffer allocated just before, so commitpoint's figure
+moves between about 0.6x and 0.95x of the limit from one process to the next; the commitpoint
+code path itself keeps the disk busy 97% of the save (its writer thread is in ``pwritev`` for
+0.455 of 0.47 s at 1 GiB).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import mmap
 import os
 import shutil
@@ -36,6 +47,7 @@ from benchmarks.common import (
     MiB,
     Row,
     base_parser,
+    each_size_in_own_process,
     format_size,
     fsync_path,
     make_state_dict,
@@ -213,14 +225,14 @@ def measure(size: int, repeats: int) -> list[Row]:
     for key, values in rates.items():
         median = statistics.median(values)
         extra: dict[str, Any] = {
-            "ratio": median / limit,
-            "ratio_to": "this / disk limit (buffered)",
-            "ratio_direct": median / direct,
+            "ratio": median / max(limit, direct),
+            "ratio_to": "this / higher disk limit",
+            "ratio_buffered": median / limit,
             "bytes": nbytes,
         }
         if key == "commitpoint":
             extra["goal"] = f">= {GOAL:g}x the higher disk limit"
-            extra["met"] = median / max(limit, direct) >= GOAL
+            extra["met"] = extra["ratio"] >= GOAL
         rows.append(row(case, labels[key], "GB/s", values, **extra))
     return rows
 
@@ -233,11 +245,18 @@ def _remove(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = base_parser(__doc__).parse_args(argv)
+    parser = base_parser(__doc__)
+    parser.add_argument("--rows-to", help=argparse.SUPPRESS)  # one size, for the parent process
+    args = parser.parse_args(argv)
     repeats = repeats_from(args)
-    rows: list[Row] = []
-    for size in sizes_from(args):
-        rows += measure(size, repeats)
+    sizes = sizes_from(args)
+    if args.rows_to:
+        rows = [r for size in sizes for r in measure(size, repeats)]
+        Path(args.rows_to).write_text(json.dumps(rows))
+        return 0
+    rows = each_size_in_own_process(
+        "benchmarks.local_throughput", sizes, ["--repeats", str(repeats)]
+    )
     return report(NAME, rows)
 
 

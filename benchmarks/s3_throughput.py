@@ -1,9 +1,10 @@
 """S3 upload throughput on moto: commitpoint vs s3fs ``put_file``, boto3 ``upload_file`` and DCP.
 
 The baseline is boto3's ``upload_file`` (8 MiB parts, 10 threads). commitpoint runs with its
-defaults (64 MiB parts, 8 in flight). Two columns at 1 GiB swap the part sizes (commitpoint with
-boto3's, boto3 with commitpoint's): moto's cost per byte grows with the size of a request body, so
-the part size alone moves the figures, whichever client sends the parts. DCP's
+defaults (the same: 8 MiB parts, 10 in flight; parts grow only after the 1,000th). Two columns at
+1 GiB send 64 MiB parts, 8 at a time, from both clients (commitpoint's defaults before this
+comparison): moto's cost per byte grows with the size of a request body, so the part size alone
+moves the figures, whichever client sends the parts. DCP's
 ``FsspecWriter`` gets the same URL and storage options (s3fs underneath, which sends the parts of a
 streamed file one after another). moto runs inside the benchmark process (the testing kit's
 ``ThreadedMotoServer``), so client and server share one GIL and two cores.
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.object_store import GiB, MiB, Store, Upload, dcp_save, run, stream
+from benchmarks.common import GiB, MiB
+from benchmarks.object_store import Store, Upload, dcp_save, run, stream
 
 NAME = "s3_throughput"
 BASELINE = "boto3 upload_file (raw)"
@@ -25,8 +27,6 @@ def _store(root: Any) -> Store:
     from boto3.s3.transfer import TransferConfig
 
     from commitpoint import open_storage
-    from commitpoint_s3.backend import DEFAULT_PART_SIZE
-
     options = root.storage_options
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
     bucket, _, prefix = root.url[len("s3://") :].partition("/")
@@ -48,27 +48,30 @@ def _store(root: Any) -> Store:
     def dcp(upload: Upload) -> int:
         return dcp_save(f"{root.url}/{upload.key}", options, upload, stored)
 
-    small_parts = open_storage(root.url, **options, part_size=8 * MiB, max_concurrency=10)
-    big_parts = TransferConfig(multipart_chunksize=DEFAULT_PART_SIZE, max_concurrency=8)
+    big_parts = open_storage(root.url, **options, part_size=64 * MiB, max_concurrency=8)
+    big_parts_config = TransferConfig(multipart_chunksize=64 * MiB, max_concurrency=8)
 
-    def stream_small_parts(upload: Upload) -> None:
-        stream(small_parts, upload.source, upload.key)
+    def stream_big_parts(upload: Upload) -> None:
+        stream(big_parts, upload.source, upload.key)
 
     def upload_file_big_parts(upload: Upload) -> None:
-        client.upload_file(upload.source, bucket, f"{prefix}/{upload.key}", Config=big_parts)
+        client.upload_file(
+            upload.source, bucket, f"{prefix}/{upload.key}", Config=big_parts_config
+        )
 
     return Store(
         methods={
             "s3fs put_file (raw)": put_file,
             BASELINE: upload_file,
             "DCP FsspecWriter (s3fs)": dcp,
-            "commitpoint, boto3's parts (8 MiB x 10)": stream_small_parts,
-            "boto3 upload_file, commitpoint's parts (64 MiB x 8)": upload_file_big_parts,
+            "commitpoint, 64 MiB parts x 8": stream_big_parts,
+            "boto3 upload_file, 64 MiB parts x 8": upload_file_big_parts,
         },
         baseline=BASELINE,
+        sizes=(GiB, 2 * GiB),
         only_at={
-            "commitpoint, boto3's parts (8 MiB x 10)": (GiB,),
-            "boto3 upload_file, commitpoint's parts (64 MiB x 8)": (GiB,),
+            "commitpoint, 64 MiB parts x 8": (GiB,),
+            "boto3 upload_file, 64 MiB parts x 8": (GiB,),
         },
     )
 

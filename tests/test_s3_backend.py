@@ -248,6 +248,48 @@ def test_parts_upload_concurrently_and_never_more_than_max_concurrency(
     assert body == data and record.size == len(data)
 
 
+def test_part_sizes_double_so_any_object_fits_in_ten_thousand_parts() -> None:
+    from commitpoint_s3.multipart import MAX_PART_SIZE, MAX_PARTS, part_size_of
+
+    first = 8 * MiB
+    assert [part_size_of(n, first) for n in (1, 1000, 1001, 2000, 2001)] == [
+        first,
+        first,
+        2 * first,
+        2 * first,
+        4 * first,
+    ]
+    capacity = sum(part_size_of(n, first) for n in range(1, MAX_PARTS + 1))
+    assert capacity >= 5 * 1024**4  # S3's largest object
+    assert part_size_of(MAX_PARTS, 5 * 1024**3) == MAX_PART_SIZE  # never above S3's part limit
+
+
+def test_a_long_upload_sends_growing_parts(
+    s3_checkpoint_root: CheckpointRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from commitpoint_s3 import multipart
+
+    monkeypatch.setattr(multipart, "PARTS_PER_SIZE", 2)  # double after every 2 parts
+    storage = open_storage(
+        s3_checkpoint_root.url, **s3_checkpoint_root.storage_options, part_size=PART
+    )
+    client = storage.fs.connect()
+    original = client.upload_part
+    sizes: dict[int, int] = {}
+
+    async def recording(**kwargs: Any) -> Any:
+        sizes[kwargs["PartNumber"]] = len(kwargs["Body"].getbuffer())
+        return await original(**kwargs)
+
+    monkeypatch.setattr(client, "upload_part", recording)
+    data = os.urandom(2 * PART + 2 * 2 * PART + 4 * PART + 3)
+    record = _stream(storage, "global_step_1/f.bin", data, piece=3 * MiB + 1)
+    assert [sizes[n] for n in sorted(sizes)] == [PART, PART, 2 * PART, 2 * PART, 4 * PART, 3]
+    bucket, key = _bucket_key(s3_checkpoint_root, "global_step_1/f.bin")
+    response = _boto3_client(s3_checkpoint_root).get_object(Bucket=bucket, Key=key)
+    assert response["Body"].read() == data and record.size == len(data)
+
+
 @pytest.mark.parametrize(
     "size", [0, 1, PART - 1, PART, PART + 1, 2 * PART, 3 * PART + 12_345], ids=lambda n: f"{n}B"
 )

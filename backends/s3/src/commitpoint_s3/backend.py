@@ -22,8 +22,8 @@ from commitpoint.storage.protocol import PointerState
 from commitpoint_s3.multipart import MAX_PART_SIZE, MIN_PART_SIZE, ParallelMultipartUpload
 from commitpoint_s3.retry import AUTH_CODES, call_with_retries, client_call, error_code
 
-DEFAULT_PART_SIZE = 64 * 1024 * 1024
-DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_PART_SIZE = 8 * 1024 * 1024  # boto3's; parts double after every 1,000 (see multipart)
+DEFAULT_MAX_CONCURRENCY = 10
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _MISSING_BUCKET = {"NoSuchBucket": "the bucket does not exist"}
 
@@ -71,13 +71,14 @@ def _positive_int(name: str, value: int | str, low: int = 1, high: int | None = 
 class S3Backend(FsspecStorage):
     """Checkpoints under ``s3://bucket/prefix``.
 
-    Options consumed here: ``part_size`` (bytes per multipart part, 5 MiB to 5 GiB, default
-    64 MiB), ``max_concurrency`` (parts uploaded at once per open file, default 8; an open file
-    buffers at most ``part_size * (max_concurrency + 1)`` bytes), ``retries`` (attempts for every
-    request commitpoint makes, and for s3fs's own reads and listings, default 5). Everything else
-    goes to :class:`s3fs.S3FileSystem` (``endpoint_url``, ``key``, ``secret``, ``token``,
-    ``profile``, ``client_kwargs``, ``config_kwargs``, ...); the usual AWS environment variables
-    work as with s3fs.
+    Options consumed here: ``part_size`` (bytes of the first multipart parts, 5 MiB to 5 GiB,
+    default 8 MiB; parts double in size after every 1,000), ``max_concurrency`` (parts uploaded
+    at once per open file, default 10; an open file buffers at most ``part_size *
+    (max_concurrency + 1)`` bytes while its parts are of the first size), ``retries`` (attempts
+    for every request commitpoint makes, and for s3fs's own reads and listings, default 5).
+    Everything else goes to :class:`s3fs.S3FileSystem` (``endpoint_url``, ``key``, ``secret``,
+    ``token``, ``profile``, ``client_kwargs``, ``config_kwargs``, ...); the usual AWS environment
+    variables work as with s3fs.
     """
 
     def __init__(

@@ -6,6 +6,11 @@ flight, and a ``write`` that fills one more waits until one of them finishes. On
 therefore holds at most ``part_size * (max_concurrency + 1)`` bytes of buffers. A file smaller than
 one part is a single ``PutObject``.
 
+The size of a streamed file is not known in advance, and S3 takes at most 10,000 parts. Parts
+therefore double in size after every 1,000 (8 MiB parts cover 7.8 GiB before the first doubling,
+and any object up to S3's 5 TiB limit fits); small parts keep memory low and many requests in
+flight for the common case.
+
 Every request is retried on transient errors (see :mod:`commitpoint_s3.retry`). Any failure aborts
 the multipart upload, so no parts are left behind to be billed, and is raised by the next ``write``
 or by ``close``; ``close`` returns only once S3 has assembled the object.
@@ -34,6 +39,13 @@ logger = logging.getLogger(__name__)
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024**3
 MAX_PARTS = 10_000
+PARTS_PER_SIZE = 1_000
+"""Parts of one size before the size doubles: ten doublings reach 1023x the first size."""
+
+
+def part_size_of(number: int, first: int) -> int:
+    """Size of part ``number`` (from 1) of an upload whose first part is ``first`` bytes."""
+    return min(MAX_PART_SIZE, first << ((number - 1) // PARTS_PER_SIZE))
 
 
 _HOOKED_CLIENTS: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -136,6 +148,7 @@ class ParallelMultipartUpload:
         self._where = where  # redacted URL, used in log lines only
         self._buffer = bytearray()  # the part being filled
         self._filled = 0
+        self._filling = part_size  # size of the part being filled (grows, see part_size_of)
         self._spare: list[bytearray] = []  # buffers of finished parts, reused for the next ones
         self._upload_id: str | None = None
         self._checksum_algorithm: str | None = None
@@ -155,14 +168,14 @@ class ParallelMultipartUpload:
         view = memoryview(data).cast("B")
         written = len(view)
         while view:
-            take = min(len(view), self._part_size - self._filled)
+            take = min(len(view), self._filling - self._filled)
             if self._filled == len(self._buffer):
                 self._buffer += view[:take]  # a new buffer grows to one part, then is reused
             else:
                 self._buffer[self._filled : self._filled + take] = view[:take]
             self._filled += take
             view = view[take:]
-            if self._filled == self._part_size:
+            if self._filled == self._filling:
                 self._ship()
         return written
 
@@ -200,21 +213,23 @@ class ParallelMultipartUpload:
     def _ship(self) -> None:
         """Start uploading the buffer as the next part, keeping at most max_concurrency running."""
         if self._next_part > MAX_PARTS:
-            raise UploadFailed(
-                f"more than {MAX_PARTS} parts of {self._part_size} bytes; raise part_size"
-            )
+            raise UploadFailed(f"more than {MAX_PARTS} parts (the object is over S3's limit)")
         if self._upload_id is None:
             self._upload_id = self._run(self._create)
         while len(self._in_flight) >= self._max_concurrency:
             self._drain(concurrent.futures.FIRST_COMPLETED)
             self._raise_failure()
         buffer, filled = self._buffer, self._filled
+        number = self._next_part
+        self._next_part += 1
+        filling = part_size_of(self._next_part, self._part_size)
+        if filling != self._filling:
+            self._filling = filling
+            self._spare.clear()  # buffers of the old size: the next parts are bigger
         self._buffer = self._spare.pop() if self._spare else bytearray()
         self._filled = 0
         body = memoryview(buffer)[:filled]
         checksum = self._part_checksum(body)
-        number = self._next_part
-        self._next_part += 1
         future = asyncio.run_coroutine_threadsafe(
             self._upload_part(number, body, checksum), self._fs.loop
         )
@@ -244,7 +259,7 @@ class ParallelMultipartUpload:
                     self._failure = failure
                 continue
             self._parts.append(future.result())
-            if len(buffer) == self._part_size:
+            if len(buffer) == self._filling:
                 self._spare.append(buffer)
 
     def _raise_failure(self) -> None:
