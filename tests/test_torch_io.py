@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,54 @@ def test_load_refuses_arbitrary_pickles_by_default(root: CheckpointRoot) -> None
         torch.save({"x": Sneaky()}, f)
     with pytest.raises(pickle.UnpicklingError):
         load_torch(storage, "global_step_1/evil.pt")
+
+
+def _committed_reader(root: CheckpointRoot, step: int, state: object) -> CheckpointReader:
+    coordinator = CheckpointCoordinator(root.monitor())
+    path = f"global_step_{step}/model.pt"
+    save = lambda: save_torch(coordinator.storage, path, state)  # noqa: E731
+    coordinator.save_async("model", save, step, True)
+    coordinator.register_and_monitor_sync(step, True, state_dict_thread_count=1)
+    coordinator.wait_all()
+    return CheckpointReader(root.url, **root.storage_options)
+
+
+def test_a_file_too_broken_to_load_is_reported_as_corrupt(root: CheckpointRoot) -> None:
+    """The checksum pass runs beside the load; when the load itself fails on the damaged bytes,
+    the caller still gets CorruptCheckpoint, not torch's own error."""
+    reader = _committed_reader(root, 2, {"w": torch.randn(1000)})
+    storage = root.open()
+    data = storage.read_bytes("global_step_2/model.pt")
+    storage.fs.pipe_file(storage.full_path("global_step_2/model.pt"), b"\0" * len(data))
+    with pytest.raises(CorruptCheckpoint, match=r"model\.pt"):
+        reader.load(2, "model.pt")
+
+
+def test_unrestricted_loads_never_unpickle_unverified_bytes(
+    root: CheckpointRoot, tmp_path: Path
+) -> None:
+    """With weights_only=False the pickle could run code, so the file is verified before any of
+    it is unpickled: a swapped-in file that would leave a marker is refused untouched."""
+    reader = _committed_reader(root, 3, {"w": torch.randn(10)})
+    marker = tmp_path / "code-ran"
+    storage = root.open()
+    swapped = io.BytesIO()
+    torch.save({"x": _LeavesMarker(str(marker))}, swapped)
+    storage.fs.pipe_file(storage.full_path("global_step_3/model.pt"), swapped.getvalue())
+    with pytest.raises(CorruptCheckpoint):
+        reader.load(3, "model.pt", weights_only=False)
+    assert not marker.exists()
+    with pytest.raises(CorruptCheckpoint):  # and the default (restricted) load refuses it too
+        reader.load(3, "model.pt")
+    assert not marker.exists()
+
+
+class _LeavesMarker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Path.touch, (Path(self.path),))
 
 
 def _zip_crc_ok(path: Path) -> bool:
