@@ -2,10 +2,11 @@
 
 For each size a state dict is saved and committed once through commitpoint (local backend); every
 run then loads the same file three ways: ``reader.load(step, "model.pt")`` (checksum verified
-against the manifest while the file loads; the object is returned once both are done), ``reader.load(..., verify=False)``, and ``torch.load`` of the
-file's local path (the raw read). The file stays in the page cache across runs (memory is far
-larger than the file), so the figures compare the code paths, not the disk. GB/s of the file
-size; the ratio is each method's median over torch.load's.
+against the manifest while the file loads; the object is returned once both are done),
+``reader.load(..., verify=False)``, and ``torch.load`` of the file's local path (the raw read).
+The file stays in the page cache across runs (memory is far larger than the file), so the figures
+compare the code paths, not the disk. GB/s of the file size; the ratio is each method's median
+over torch.load's.
 """
 
 from __future__ import annotations
