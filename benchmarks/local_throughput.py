@@ -128,11 +128,12 @@ def torch_save(path: Path, sd: dict[str, Any]) -> float:
 def torch_save_without_zip_crc(path: Path, sd: dict[str, Any]) -> float:
     from torch import serialization
 
+    before = serialization.get_crc32_options()
     serialization.set_crc32_options(False)
     try:
         return torch_save(path, sd)
     finally:
-        serialization.set_crc32_options(True)
+        serialization.set_crc32_options(before)
 
 
 def dcp_save(path: Path, sd: dict[str, Any]) -> float:

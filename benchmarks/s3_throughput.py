@@ -27,6 +27,7 @@ def _store(root: Any) -> Store:
     from boto3.s3.transfer import TransferConfig
 
     from commitpoint import open_storage
+
     options = root.storage_options
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
     bucket, _, prefix = root.url[len("s3://") :].partition("/")
@@ -55,9 +56,7 @@ def _store(root: Any) -> Store:
         stream(big_parts, upload.source, upload.key)
 
     def upload_file_big_parts(upload: Upload) -> None:
-        client.upload_file(
-            upload.source, bucket, f"{prefix}/{upload.key}", Config=big_parts_config
-        )
+        client.upload_file(upload.source, bucket, f"{prefix}/{upload.key}", Config=big_parts_config)
 
     return Store(
         methods={

@@ -2,7 +2,9 @@
 
 It forwards every request to the emulator, except that the next ``faults`` requests (or every
 request while ``always`` is set) get the chosen fault instead: an HTTP 503, a dropped connection,
-or a delay before forwarding. Bounded: it serves until stopped, handles one connection per thread.
+or a delay before forwarding. A ``rewrite(method, path, body)`` hook may alter request bodies in
+transit; then Location headers point back at the proxy, so a GCS resumable upload's chunks pass
+through it too. Bounded: it serves until stopped, handles one connection per thread.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import http.server
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -26,6 +28,8 @@ class FaultPlan:
     faults: int = 0
     always: bool = False
     delay: float = 0.2
+    rewrite: Callable[[str, str, bytes], bytes] | None = None
+    altered: list[str] = field(default_factory=list)  # paths whose body ``rewrite`` changed
     injected: int = 0
     forwarded: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -67,16 +71,30 @@ def fault_proxy(target: str, plan: FaultPlan) -> Iterator[str]:
                     self.wfile.write(payload)
                     return
                 time.sleep(plan.delay)
+            if plan.rewrite is not None:
+                new_body = plan.rewrite(self.command, self.path, body)
+                if new_body != body:
+                    plan.altered.append(self.path)
+                body = new_body
             conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+            headers = {
+                k: v
+                for k, v in self.headers.items()
+                if k.lower() not in _HOP and k.lower() != "content-length"
+            }
             headers["Host"] = upstream.netloc
+            headers["Content-Length"] = str(len(body))
             conn.request(self.command, self.path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
             self.send_response(response.status)
+            proxy = f"127.0.0.1:{self.server.server_address[1]}"
             for key, value in response.getheaders():
-                if key.lower() not in _HOP and key.lower() != "content-length":
-                    self.send_header(key, value)
+                if key.lower() in _HOP or key.lower() == "content-length":
+                    continue
+                if key.lower() == "location" and plan.rewrite is not None:
+                    value = value.replace(upstream.netloc, proxy)
+                self.send_header(key, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command != "HEAD":

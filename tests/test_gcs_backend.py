@@ -14,9 +14,8 @@ import pickle
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
 
@@ -229,62 +228,6 @@ def test_crc32c_is_compared_in_gcs_encoding() -> None:
     assert type(copy) is ChecksumMismatch and str(copy) == str(info.value)
 
 
-@contextlib.contextmanager
-def _rewriting_proxy(
-    target: str, rewrite: Callable[[str, str, bytes], bytes]
-) -> Iterator[tuple[str, list[str]]]:
-    """An HTTP proxy to ``target`` whose ``rewrite(method, path, body)`` may alter request bodies;
-    Location headers are pointed back at the proxy, so resumable chunks pass through it too."""
-    upstream = urlparse(target)
-    altered: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _handle(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            new_body = rewrite(self.command, self.path, body)
-            if new_body != body:
-                altered.append(self.path)
-            conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
-            skip = {"connection", "keep-alive", "transfer-encoding", "host", "content-length"}
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-            headers["Host"] = upstream.netloc
-            headers["Content-Length"] = str(len(new_body))
-            conn.request(self.command, self.path, body=new_body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            self.send_response(response.status)
-            proxy = f"127.0.0.1:{self.server.server_address[1]}"
-            for key, value in response.getheaders():
-                if key.lower() in skip:
-                    continue
-                if key.lower() == "location":
-                    value = value.replace(upstream.netloc, proxy)
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-            conn.close()
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", altered
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _flip_victim_byte(method: str, path: str, body: bytes) -> bytes:
     """Flip one content byte of uploads of objects named ``victim*``."""
     if method != "POST" or not body:
@@ -308,16 +251,14 @@ def test_corruption_in_transit_is_caught_and_never_committed(
     if "crc32c" not in available_algorithms():
         pytest.skip("the writer's checksum is not crc32c here; nothing to cross-check")
     root = gcs_checkpoint_root
-    with _rewriting_proxy(root.storage_options["endpoint_url"], _flip_victim_byte) as (
-        endpoint,
-        altered,
-    ):
+    plan = FaultPlan(rewrite=_flip_victim_byte)
+    with fault_proxy(root.storage_options["endpoint_url"], plan) as endpoint:
         options = {**root.storage_options, "endpoint_url": endpoint, "chunk_size": CHUNK}
         storage = open_storage(root.url, **options)
         with pytest.raises(ChecksumMismatch, match="crc32c") as info:
             _stream(storage, "global_step_1/victim.bin", os.urandom(size))
         assert "global_step_1/victim.bin" in str(info.value)
-        assert altered  # the proxy really did corrupt the upload
+        assert plan.altered  # the proxy really did corrupt the upload
         assert not storage.exists("global_step_1/victim.bin")  # the bad object was deleted
         assert storage.take_records("global_step_1") == []
 

@@ -29,8 +29,12 @@ class _Moments(NamedTuple):
     count: int
 
 
-class _BrokenTensor(torch.Tensor):
-    """A tensor whose copy fails, like one on a device that went away."""
+class _CopyHookTensor(torch.Tensor):
+    """A tensor that runs ``on_copy`` before every ``copy_`` into or out of it."""
+
+    @classmethod
+    def on_copy(cls) -> None:
+        raise NotImplementedError
 
     @classmethod
     def __torch_function__(
@@ -41,26 +45,26 @@ class _BrokenTensor(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         if func is torch.Tensor.copy_:
-            raise RuntimeError("device went away")
+            cls.on_copy()
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
-class _GatedTensor(torch.Tensor):
+class _BrokenTensor(_CopyHookTensor):
+    """A tensor whose copy fails, like one on a device that went away."""
+
+    @classmethod
+    def on_copy(cls) -> None:
+        raise RuntimeError("device went away")
+
+
+class _GatedTensor(_CopyHookTensor):
     """A tensor whose copy waits for ``gate``: lets a test hold a copy in progress."""
 
     gate: ClassVar[threading.Event] = threading.Event()
 
     @classmethod
-    def __torch_function__(
-        cls,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        if func is torch.Tensor.copy_:
-            assert cls.gate.wait(30), "test never opened the gate"
-        return super().__torch_function__(func, types, args, kwargs or {})
+    def on_copy(cls) -> None:
+        assert cls.gate.wait(30), "test never opened the gate"
 
 
 def _model_state(seed: int = 0) -> dict[str, Any]:

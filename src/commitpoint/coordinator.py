@@ -209,11 +209,10 @@ class CheckpointCoordinator:
         save_fn: SaveFn,
         step: int,
         is_state_dict: bool,
-        cleanup: Callable[[], None] | None = None,
-        go: threading.Event | None = None,
+        cleanup: Callable[[], None] | None,
+        go: threading.Event,
     ) -> None:
-        if go is not None:
-            go.wait()
+        go.wait()
         try:
             failure = self._run_save(name, save_fn, step, is_state_dict)
         finally:

@@ -141,35 +141,25 @@ def _needs_own_copy(tensor: torch.Tensor) -> bool:
 def _split(
     path: str, destination: torch.Tensor, source: torch.Tensor, chunk_bytes: int
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, int]]:
-    """Pieces of at most about ``chunk_bytes`` (whole tensor if small or not splittable)."""
+    """Pieces of at most about ``chunk_bytes`` (whole tensor if small or not splittable).
+
+    A contiguous tensor is split as a flat run of elements; another one by its rows (dim 0).
+    """
     nbytes = _nbytes(source)
     if nbytes <= chunk_bytes or source.dim() == 0:
         yield path, destination, source, nbytes
-    elif source.is_contiguous():
-        flat_source, flat_destination = source.reshape(-1), destination.view(-1)
-        step = max(1, chunk_bytes // source.element_size())
-        total = flat_source.numel()
-        for start in range(0, total, step):
-            length = min(step, total - start)
-            yield (
-                path,
-                flat_destination.narrow(0, start, length),
-                flat_source.narrow(0, start, length),
-                length * source.element_size(),
-            )
-    elif source.size(0) > 1:
-        rows = source.size(0)
-        step = max(1, chunk_bytes // max(1, nbytes // rows))
-        for start in range(0, rows, step):
-            length = min(step, rows - start)
-            yield (
-                path,
-                destination.narrow(0, start, length),
-                source.narrow(0, start, length),
-                nbytes * length // rows,
-            )
-    else:
+        return
+    if source.is_contiguous():
+        source, destination = source.reshape(-1), destination.view(-1)
+    elif source.size(0) <= 1:
         yield path, destination, source, nbytes
+        return
+    rows = source.size(0)
+    step = max(1, chunk_bytes // max(1, nbytes // rows))
+    for start in range(0, rows, step):
+        length = min(step, rows - start)
+        piece = nbytes * length // rows
+        yield path, destination.narrow(0, start, length), source.narrow(0, start, length), piece
 
 
 class StagedStateDict:

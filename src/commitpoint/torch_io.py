@@ -41,8 +41,9 @@ class _ZipCrc32Window:
         self._open = 0
         self._saved: bool | None = None
 
-    def open(self, serialization: Any) -> bool:
+    def open(self) -> bool:
         """Turn the CRC off; False when this torch has no switch for it (nothing to close)."""
+        serialization = _torch().serialization
         if not hasattr(serialization, "set_crc32_options"):
             return False
         with self._lock:
@@ -52,11 +53,11 @@ class _ZipCrc32Window:
             self._open += 1
         return True
 
-    def close(self, serialization: Any) -> None:
+    def close(self) -> None:
         with self._lock:
             self._open -= 1
             if self._open == 0 and self._saved is not None:
-                serialization.set_crc32_options(self._saved)
+                _torch().serialization.set_crc32_options(self._saved)
                 self._saved = None
 
 
@@ -67,21 +68,19 @@ class _FirstWriteCloses:
     """The storage writer as torch sees it; the first write (torch's zip writer exists by then)
     closes the CRC window, and so does the end of the save if nothing was written."""
 
-    __slots__ = ("_serialization", "_window_open", "_writer")
+    __slots__ = ("_window_open", "_writer")
 
-    def __init__(self, writer: Any, serialization: Any, window_open: bool) -> None:
+    def __init__(self, writer: Any, window_open: bool) -> None:
         self._writer = writer
-        self._serialization = serialization
         self._window_open = window_open
 
     def close_window(self) -> None:
         if self._window_open:
             self._window_open = False
-            _ZIP_CRC32.close(self._serialization)
+            _ZIP_CRC32.close()
 
     def write(self, data: Any) -> int:
-        if self._window_open:
-            self.close_window()
+        self.close_window()
         written: int = self._writer.write(data)
         return written
 
@@ -99,8 +98,7 @@ def save_torch(
     """
     torch = _torch()
     with storage.open_write(safe_relpath(relpath)) as writer:
-        window = not zip_crc32 and _ZIP_CRC32.open(torch.serialization)
-        sink = _FirstWriteCloses(writer, torch.serialization, window)
+        sink = _FirstWriteCloses(writer, window_open=not zip_crc32 and _ZIP_CRC32.open())
         try:
             torch.save(obj, sink)
         except Exception as exc:

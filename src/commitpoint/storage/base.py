@@ -144,6 +144,9 @@ class FsspecStorage:
     """Base class of backends: every protocol operation except the pointer pair."""
 
     checksum_algorithm: str = DEFAULT_ALGORITHM
+    writer_class: type[FsspecWriter] = FsspecWriter
+    """What :meth:`open_write` wraps the raw file in; a backend that checks more on close (GCS
+    compares its own CRC32C) names its subclass here."""
 
     def __init__(self, url: str, fs: AbstractFileSystem, root: str, **storage_options: Any):
         _register_secrets(url, storage_options)
@@ -237,7 +240,7 @@ class FsspecStorage:
             raise
         except Exception as exc:
             raise self._translate_error("open for write", relpath, exc) from exc
-        return FsspecWriter(self, relpath, raw, track)
+        return self.writer_class(self, relpath, raw, track)
 
     def _keep_record(self, record: FileRecord) -> None:
         with self._records_lock:

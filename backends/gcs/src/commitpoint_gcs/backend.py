@@ -87,6 +87,8 @@ class GCSBackend(FsspecStorage):
     when an ``endpoint_url`` is given.
     """
 
+    writer_class = _CheckedWriter
+
     def __init__(
         self, url: str, *, chunk_size: int | str = DEFAULT_CHUNK_SIZE, **storage_options: Any
     ) -> None:
@@ -202,16 +204,6 @@ class GCSBackend(FsspecStorage):
         return str(result["generation"])
 
     # -- streaming writes -------------------------------------------------------------------
-    def open_write(self, relpath: str, *, track: bool = True) -> FsspecWriter:
-        relpath = safe_relpath(relpath)
-        try:
-            raw = self._open_raw_write(self.full_path(relpath))
-        except CommitpointError:
-            raise
-        except Exception as exc:
-            raise self._translate_error("open for write", relpath, exc) from exc
-        return _CheckedWriter(self, relpath, raw, track)
-
     def _open_raw_write(self, full: str) -> Any:
         bucket, _, key = full.partition("/")
         return ResumableUpload(

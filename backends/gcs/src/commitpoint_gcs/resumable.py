@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import io
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +26,7 @@ from urllib.parse import quote
 from fsspec.asyn import sync
 
 from commitpoint.errors import StorageError
+from commitpoint.storage.upload_pieces import BufferBody, Piece
 
 logger = logging.getLogger(__name__)
 
@@ -99,46 +98,6 @@ def multipart_body(
     return body, f'multipart/related; boundary="{_BOUNDARY}"'
 
 
-class ChunkBody(io.BytesIO):
-    """A read-only, seekable view of one chunk's buffer, handed to aiohttp as the request body.
-
-    aiohttp streams it in slices of the buffer itself; given the buffer directly it would join and
-    re-buffer the whole chunk on the event-loop thread (three copies of every byte).
-    """
-
-    SLICE = 1024 * 1024  # what one read returns at least: fewer event-loop turns per chunk
-
-    def __init__(self, data: memoryview) -> None:
-        super().__init__()
-        self._data = data
-        self._pos = 0
-
-    def read(self, size: int | None = -1) -> Any:
-        end = len(self._data)
-        if size is not None and size >= 0:
-            end = min(end, self._pos + max(size, self.SLICE))
-        chunk = self._data[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._data)}[whence]
-        self._pos = max(0, min(len(self._data), base + offset))
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def getbuffer(self) -> memoryview:
-        return memoryview(self._data)
-
-    def getvalue(self) -> bytes:
-        return bytes(self._data)
-
-    def write(self, data: Any) -> int:
-        raise io.UnsupportedOperation("a chunk body is read-only")
-
-
 class ResumableUpload:
     """A write-only file object that uploads ``gs://bucket/key`` chunk by chunk."""
 
@@ -150,8 +109,7 @@ class ResumableUpload:
         self._key = key
         self._chunk_size = chunk_size
         self._where = where
-        self._buffer = bytearray()  # the chunk being filled
-        self._filled = 0
+        self._piece = Piece()  # the chunk being filled
         self._sending: bytearray | None = None  # the chunk in flight, reused once acknowledged
         self._location: str | None = None
         self._offset = 0  # bytes GCS has acknowledged
@@ -173,14 +131,8 @@ class ResumableUpload:
         written = len(view)
         self._size += written
         while view:
-            take = min(len(view), self._chunk_size - self._filled)
-            if self._filled == len(self._buffer):
-                self._buffer += view[:take]  # a new buffer grows to one chunk, then is reused
-            else:
-                self._buffer[self._filled : self._filled + take] = view[:take]
-            self._filled += take
-            view = view[take:]
-            if self._filled == self._chunk_size:
+            view = self._piece.fill(view, self._chunk_size)
+            if self._piece.filled == self._chunk_size:
                 self._ship(final=False)
         return written
 
@@ -194,8 +146,7 @@ class ResumableUpload:
         self.closed = True
         try:
             if self._location is None:
-                body = memoryview(self._buffer)[: self._filled]
-                self.metadata = self._run(self._upload_whole, body)
+                self.metadata = self._run(self._upload_whole, self._piece.data())
             else:
                 self._ship(final=True)
                 self._wait()
@@ -224,12 +175,11 @@ class ResumableUpload:
         if self._location is None:
             self._location = self._run(self._initiate)
         self._wait()
-        buffer, filled = self._buffer, self._filled
-        self._buffer = self._sending if self._sending is not None else bytearray()
-        self._filled = 0
-        self._sending = buffer
+        piece = self._piece
+        self._piece = Piece(self._sending)
+        self._sending = piece.buffer
         self._in_flight = asyncio.run_coroutine_threadsafe(
-            self._send_chunk(memoryview(buffer)[:filled], final), self._fs.loop
+            self._send_chunk(piece.data(), final), self._fs.loop
         )
 
     def _wait(self) -> None:
@@ -238,8 +188,7 @@ class ResumableUpload:
             future.result()
 
     def _release_buffers(self) -> None:
-        self._buffer = bytearray()
-        self._filled = 0
+        self._piece = Piece()
         self._sending = None
 
     def _abort(self) -> None:
@@ -312,7 +261,7 @@ class ResumableUpload:
                 "POST",
                 self._location,
                 headers={"Content-Range": range_header, "Content-Type": self.content_type},
-                data=ChunkBody(view) if len(view) else None,
+                data=BufferBody(view) if len(view) else None,
             )
             if status in (200, 201):
                 if not final:

@@ -22,9 +22,7 @@ import asyncio
 import base64
 import concurrent.futures
 import hashlib
-import io
 import logging
-import os
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 from fsspec.asyn import sync
 
 from commitpoint.checksum import Checksum, available_algorithms
+from commitpoint.storage.upload_pieces import BufferBody, Piece
 from commitpoint_s3.retry import call_with_retries, client_call, error_code
 
 logger = logging.getLogger(__name__)
@@ -85,46 +84,6 @@ class UploadFailed(OSError):
     """A multipart upload cannot go on (too many parts, or an earlier part failed)."""
 
 
-class PartBody(io.BytesIO):
-    """A read-only, seekable view of one part's buffer, handed to the client as the request body.
-
-    The client streams it in slices of the buffer itself: no copy of the part is made for the
-    request (aiohttp would otherwise join and re-buffer a whole part on the event-loop thread).
-    """
-
-    SLICE = 1024 * 1024  # what one read returns at least: fewer event-loop turns per part
-
-    def __init__(self, data: memoryview) -> None:
-        super().__init__()
-        self._data = data
-        self._pos = 0
-
-    def read(self, size: int | None = -1) -> Any:
-        end = len(self._data)
-        if size is not None and size >= 0:
-            end = min(end, self._pos + max(size, self.SLICE))
-        chunk = self._data[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._data)}[whence]
-        self._pos = max(0, min(len(self._data), base + offset))
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def getbuffer(self) -> memoryview:
-        return memoryview(self._data)
-
-    def getvalue(self) -> bytes:
-        return bytes(self._data)
-
-    def write(self, data: Any) -> int:
-        raise io.UnsupportedOperation("a part body is read-only")
-
-
 class ParallelMultipartUpload:
     """A write-only file object that uploads ``s3://bucket/key`` in concurrent parts."""
 
@@ -146,8 +105,7 @@ class ParallelMultipartUpload:
         self._max_concurrency = max_concurrency
         self._attempts = attempts
         self._where = where  # redacted URL, used in log lines only
-        self._buffer = bytearray()  # the part being filled
-        self._filled = 0
+        self._piece = Piece()  # the part being filled
         self._filling = part_size  # size of the part being filled (grows, see part_size_of)
         self._spare: list[bytearray] = []  # buffers of finished parts, reused for the next ones
         self._upload_id: str | None = None
@@ -168,14 +126,8 @@ class ParallelMultipartUpload:
         view = memoryview(data).cast("B")
         written = len(view)
         while view:
-            take = min(len(view), self._filling - self._filled)
-            if self._filled == len(self._buffer):
-                self._buffer += view[:take]  # a new buffer grows to one part, then is reused
-            else:
-                self._buffer[self._filled : self._filled + take] = view[:take]
-            self._filled += take
-            view = view[take:]
-            if self._filled == self._filling:
+            view = self._piece.fill(view, self._filling)
+            if self._piece.filled == self._filling:
                 self._ship()
         return written
 
@@ -189,9 +141,9 @@ class ParallelMultipartUpload:
         self.closed = True
         try:
             if self._upload_id is None:
-                self._run(self._put_object, memoryview(self._buffer)[: self._filled])
+                self._run(self._put_object, self._piece.data())
                 return
-            if self._filled:
+            if self._piece.filled:
                 self._ship()
             self._drain(concurrent.futures.ALL_COMPLETED)
             self._raise_failure()
@@ -219,21 +171,20 @@ class ParallelMultipartUpload:
         while len(self._in_flight) >= self._max_concurrency:
             self._drain(concurrent.futures.FIRST_COMPLETED)
             self._raise_failure()
-        buffer, filled = self._buffer, self._filled
+        piece = self._piece
         number = self._next_part
         self._next_part += 1
         filling = part_size_of(self._next_part, self._part_size)
         if filling != self._filling:
             self._filling = filling
             self._spare.clear()  # buffers of the old size: the next parts are bigger
-        self._buffer = self._spare.pop() if self._spare else bytearray()
-        self._filled = 0
-        body = memoryview(buffer)[:filled]
+        self._piece = Piece(self._spare.pop() if self._spare else None)
+        body = piece.data()
         checksum = self._part_checksum(body)
         future = asyncio.run_coroutine_threadsafe(
             self._upload_part(number, body, checksum), self._fs.loop
         )
-        self._in_flight[future] = buffer
+        self._in_flight[future] = piece.buffer
 
     def _part_checksum(self, body: memoryview) -> dict[str, str]:
         """The part's checksum as a request parameter, computed here rather than on the loop."""
@@ -267,8 +218,7 @@ class ParallelMultipartUpload:
             raise self._failure
 
     def _release_buffers(self) -> None:
-        self._buffer = bytearray()
-        self._filled = 0
+        self._piece = Piece()
         self._spare.clear()
 
     def _abort(self) -> None:
@@ -301,7 +251,7 @@ class ParallelMultipartUpload:
 
     async def _put_object(self, body: memoryview) -> None:
         await self._retrying(
-            "put", "put_object", Bucket=self._bucket, Key=self._key, Body=PartBody(body)
+            "put", "put_object", Bucket=self._bucket, Key=self._key, Body=BufferBody(body)
         )
 
     async def _create(self) -> str:
@@ -335,7 +285,7 @@ class ParallelMultipartUpload:
                 Key=self._key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                Body=PartBody(body),
+                Body=BufferBody(body),
                 **checksum,
             )
         finally:
