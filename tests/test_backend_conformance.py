@@ -17,11 +17,10 @@ from commitpoint import (
     InvalidName,
     StepRegression,
     StorageBackend,
-    advance_pointer,
     open_storage,
 )
-from commitpoint.checksum import Checksum
-from commitpoint.pointer import Advance, rewind_pointer
+from commitpoint.core.checksum import Checksum
+from commitpoint.core.pointer import Advance, advance_pointer, rewind_pointer
 from commitpoint.testing import CheckpointRoot
 
 

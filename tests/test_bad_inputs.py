@@ -27,11 +27,11 @@ from commitpoint import (
     save_torch,
 )
 from commitpoint.errors import CommitpointError, SaveFailed
-from commitpoint.retention import RetentionPolicy
-from commitpoint.rewind import rewind
+from commitpoint.maintenance.retention import RetentionPolicy
+from commitpoint.maintenance.rewind import rewind
+from commitpoint.read.watch import watch
 from commitpoint.storage.registry import open_storage
 from commitpoint.testing import CheckpointRoot
-from commitpoint.watch import watch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 

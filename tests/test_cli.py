@@ -16,8 +16,8 @@ import torch
 
 from commitpoint import CheckpointCoordinator, CheckpointMonitor, Kind, save_torch
 from commitpoint.cli import CORRUPT, NOT_FOUND, OK, STORAGE, USAGE, main
-from commitpoint.layout import step_dir
-from commitpoint.rewind import read_history
+from commitpoint.core.layout import step_dir
+from commitpoint.maintenance.rewind import read_history
 from commitpoint.testing import CheckpointRoot, commit_step
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from commitpoint import open_storage
-from commitpoint.layout import CHECKPOINT_POINTER, STATE_DICT_POINTER, Kind
-from commitpoint.manifest import build_manifest, manifest_path, write_manifest
+from commitpoint.core.layout import CHECKPOINT_POINTER, STATE_DICT_POINTER, Kind
+from commitpoint.core.manifest import build_manifest, manifest_path, write_manifest
 from commitpoint.testing import CheckpointRoot
 from commitpoint.testing.crash import (
     LOST,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from commitpoint import CheckpointReader
-from commitpoint.demo import main
+from commitpoint.cli.demo import main
 
 
 def test_demo_runs_resumes_and_rewinds(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:

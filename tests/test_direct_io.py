@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from commitpoint import open_storage
-from commitpoint.checksum import Checksum
+from commitpoint.core.checksum import Checksum
 from commitpoint.storage.direct_io import ALIGNMENT, BUFFER_SIZE, DirectFile
 
 

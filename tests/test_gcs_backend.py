@@ -174,7 +174,7 @@ def _stream(storage: Any, relpath: str, data: bytes, piece: int = 100_003) -> An
 def test_uploads_are_byte_exact_and_match_the_server_crc32c(
     gcs_checkpoint_root: CheckpointRoot, size: int
 ) -> None:
-    from commitpoint.checksum import available_algorithms
+    from commitpoint.core.checksum import available_algorithms
     from commitpoint_gcs.resumable import crc32c_from_base64
 
     root = gcs_checkpoint_root
@@ -245,7 +245,7 @@ def _flip_victim_byte(method: str, path: str, body: bytes) -> bytes:
 def test_corruption_in_transit_is_caught_and_never_committed(
     gcs_checkpoint_root: CheckpointRoot, size: int
 ) -> None:
-    from commitpoint.checksum import available_algorithms
+    from commitpoint.core.checksum import available_algorithms
     from commitpoint_gcs import ChecksumMismatch
 
     if "crc32c" not in available_algorithms():

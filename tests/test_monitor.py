@@ -17,7 +17,7 @@ from commitpoint import (
     SaveStrategy,
     WriterFenced,
 )
-from commitpoint.manifest import read_manifest
+from commitpoint.core.manifest import read_manifest
 from commitpoint.storage.protocol import FileRecord
 from commitpoint.testing import CheckpointRoot
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from commitpoint import advance_pointer
+from commitpoint.core.pointer import advance_pointer
 from commitpoint.testing import CheckpointRoot
 
 COMMITS = 3000

@@ -15,11 +15,11 @@ from commitpoint import (
     CommitpointError,
     InvalidArgument,
     Kind,
-    rewind_pointer,
 )
-from commitpoint.layout import REWIND_HISTORY, parse_step_dir, step_dir
-from commitpoint.manifest import manifest_path
-from commitpoint.retention import RetentionPolicy
+from commitpoint.core.layout import REWIND_HISTORY, parse_step_dir, step_dir
+from commitpoint.core.manifest import manifest_path
+from commitpoint.core.pointer import rewind_pointer
+from commitpoint.maintenance.retention import RetentionPolicy
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.testing import CheckpointRoot, commit_step
 

@@ -19,10 +19,10 @@ from commitpoint import (
     Kind,
     SaveFailed,
     StepRegression,
-    advance_pointer,
 )
-from commitpoint.manifest import manifest_path
-from commitpoint.rewind import RewindRecord, append_history, read_history, rewind
+from commitpoint.core.manifest import manifest_path
+from commitpoint.core.pointer import advance_pointer
+from commitpoint.maintenance.rewind import RewindRecord, append_history, read_history, rewind
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.testing import CheckpointRoot, commit_step, memory_root
 

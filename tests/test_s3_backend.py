@@ -104,7 +104,8 @@ def test_failed_upload_is_aborted_and_not_recorded(s3_checkpoint_root: Checkpoin
 RACER = textwrap.dedent(
     """
     import json, sys
-    from commitpoint import StepRegression, advance_pointer, open_storage
+    from commitpoint import StepRegression, open_storage
+    from commitpoint.core.pointer import advance_pointer
     url, options, start = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     storage = open_storage(url, **options)
     seen = []

@@ -17,7 +17,7 @@ import torch
 
 from commitpoint import CheckpointCoordinator, InvalidArgument, SaveFailed, load_torch, save_torch
 from commitpoint.errors import StagingFailed, StagingTimeout
-from commitpoint.staging import StagedStateDict, Stager, StagingOptions, _plan_chunks
+from commitpoint.save.staging import StagedStateDict, Stager, StagingOptions, _plan_chunks
 from commitpoint.testing import CheckpointRoot
 
 KiB = 1024

@@ -142,7 +142,7 @@ def test_a_corrupted_read_is_reported_by_verify(local_checkpoint_root: Checkpoin
     _save_step(coordinator, 1)
     coordinator.wait_all()
     faulty = FaultyStorage(root.open(), FaultPlan(corrupt_read=1.0, operations=frozenset({"read"})))
-    from commitpoint.verify import check_record
+    from commitpoint.read.verify import check_record
 
     manifest = root.manifest(1)
     problems = [check_record(faulty, record) for record in manifest.files]

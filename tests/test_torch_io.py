@@ -18,7 +18,7 @@ from commitpoint import (
     load_torch,
     save_torch,
 )
-from commitpoint.checksum import checksum_stream
+from commitpoint.core.checksum import checksum_stream
 from commitpoint.testing import CheckpointRoot
 
 

@@ -15,8 +15,8 @@ from commitpoint import (
     save_torch,
     verify_step,
 )
-from commitpoint.layout import step_dir
-from commitpoint.manifest import manifest_path
+from commitpoint.core.layout import step_dir
+from commitpoint.core.manifest import manifest_path
 from commitpoint.storage.protocol import FileRecord
 from commitpoint.testing import CheckpointRoot
 

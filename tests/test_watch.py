@@ -16,11 +16,11 @@ from commitpoint import (
     InvalidArgument,
     Kind,
     StorageError,
-    rewind_pointer,
 )
+from commitpoint.core.pointer import rewind_pointer
+from commitpoint.read.watch import awatch, watch
 from commitpoint.storage.protocol import PointerState, StorageBackend
 from commitpoint.testing import CheckpointRoot, commit_step
-from commitpoint.watch import awatch, watch
 
 FAST: dict[str, Any] = {"interval": 0.01, "max_interval": 0.05}
 
@@ -127,7 +127,7 @@ def test_a_step_that_fails_verification_is_skipped(
     commit(coordinator, 2)
     storage = root.open()
     storage.write_bytes("global_step_2/model.pt", b"damaged", track=False)
-    with caplog.at_level(logging.WARNING, logger="commitpoint.watch"):
+    with caplog.at_level(logging.WARNING, logger="commitpoint.read.watch"):
         assert list(watch(storage, after=1, timeout=0.1, **FAST)) == []
     assert "step 2" in caplog.text and "failed verification" in caplog.text
     assert caplog.text.count("failed verification") == 1  # warned once, not at every poll
@@ -160,7 +160,7 @@ def test_transient_errors_are_logged_and_retried(
 ) -> None:
     commit(coordinator, 7)
     flaky: Any = _Flaky(root.open(), failures=3)
-    with caplog.at_level(logging.WARNING, logger="commitpoint.watch"):
+    with caplog.at_level(logging.WARNING, logger="commitpoint.read.watch"):
         stream = watch(flaky, interval=0.001, max_interval=0.004, timeout=30)
         assert next(stream) == 7
     assert flaky.calls == 4

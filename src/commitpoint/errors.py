@@ -1,14 +1,39 @@
-"""The error tree: one base, a few specific classes, messages that name step, path and cause.
+"""The error tree: one base, a few groups, messages that name step, path and cause.
 
-Every error commitpoint raises on purpose derives from :class:`CommitpointError`, so callers can
-catch one class. Messages never include credentials: paths are always given relative to, or as,
-the backend's redacted URL.
+Every error commitpoint raises on purpose derives from :class:`CommitpointError`::
+
+    CommitpointError
+    ├── InvalidArgument (ValueError)        a value commitpoint cannot accept
+    │   ├── InvalidName
+    │   └── InvalidStep
+    ├── BackendNotFound (LookupError)       no backend for a URL scheme
+    ├── NotFound (LookupError)              a step or file that does not exist
+    ├── Refused                             refused to keep an invariant; nothing was written
+    │   ├── CommitConflict                  a pointer changed since it was read
+    │   ├── StepRegression                  a pointer would move back
+    │   ├── WriterFenced                    a newer monitor owns the root
+    │   └── MonitorRestarted                the monitor lost the step's bookkeeping
+    ├── CorruptCheckpoint                   committed data does not match its manifest
+    ├── StorageError (OSError)              a store operation failed after retries
+    │   ├── StoragePermissionError (PermissionError)
+    │   └── UploadFailed                    an upload cannot go on
+    ├── SaveFailed                          a save function raised
+    ├── StagingError                        copying a state dict for a save failed
+    │   ├── StagingFailed
+    │   └── StagingTimeout (TimeoutError)
+    └── SlotTimeout (TimeoutError)          no save slot within the timeout
+
+Every error survives a pickle round trip (Ray carries them between processes). Messages never
+include credentials: paths are always given relative to, or as, the backend's redacted URL.
+:func:`map_errors` is the one place foreign exceptions become commitpoint errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 _SECRETS: set[str] = set()
 _SECRETS_LOCK = threading.Lock()
@@ -41,6 +66,47 @@ class CommitpointError(Exception):
     def __init__(self, *args: object) -> None:
         super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take their own constructor arguments; rebuild from the message and the
+        # attributes instead, so every error crosses process boundaries intact. An attribute
+        # that cannot be pickled travels as its description; one that refers back to this error
+        # (SaveFailed.failures) travels without it.
+        if id(self) in _REDUCING.ids:
+            return (_rebuild, (type(self), self.args, {}))
+        _REDUCING.ids.add(id(self))
+        try:
+            state = {k: _portable(v) for k, v in self.__dict__.items()}
+        finally:
+            _REDUCING.ids.discard(id(self))
+        return (_rebuild, (type(self), self.args, state))
+
+
+class _Reducing(threading.local):
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+
+
+_REDUCING = _Reducing()
+
+
+def _portable(value: object) -> object:
+    import pickle
+
+    try:
+        pickle.dumps(value)
+    except Exception:
+        if isinstance(value, BaseException):
+            return RuntimeError(redact(f"{type(value).__name__}: {value}"))
+        return redact(repr(value))
+    return value
+
+
+def _rebuild(cls: type[CommitpointError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidArgument(CommitpointError, ValueError):
     """A caller passed a value commitpoint cannot accept (wrong type, range or form)."""
@@ -65,7 +131,15 @@ class BackendNotFound(CommitpointError, LookupError):
         super().__init__(message)
 
 
-class CommitConflict(CommitpointError):
+class NotFound(CommitpointError, LookupError):
+    """A step, file or pointer that was asked for does not exist (nothing is corrupt)."""
+
+
+class Refused(CommitpointError):
+    """commitpoint refused an operation to keep one of its invariants; nothing was written."""
+
+
+class CommitConflict(Refused):
     """A conditional pointer write lost a race: the pointer changed since it was read."""
 
     def __init__(self, path: str, detail: str = "") -> None:
@@ -76,7 +150,7 @@ class CommitConflict(CommitpointError):
         super().__init__(message)
 
 
-class StepRegression(CommitpointError):
+class StepRegression(Refused):
     """A commit asked to move a pointer to a lower step than the one it names."""
 
     def __init__(self, path: str, current: int, requested: int) -> None:
@@ -89,7 +163,7 @@ class StepRegression(CommitpointError):
         )
 
 
-class WriterFenced(CommitpointError):
+class WriterFenced(Refused):
     """A newer monitor took the writer lease of this root; this monitor may no longer commit."""
 
     def __init__(self, root: str, own_epoch: int, current_epoch: int | None) -> None:
@@ -103,7 +177,7 @@ class WriterFenced(CommitpointError):
         )
 
 
-class MonitorRestarted(CommitpointError):
+class MonitorRestarted(Refused):
     """The monitor restarted while a step was in flight: it lost the step's bookkeeping, so the
     step is never committed. The save (or registration) that finds out fails with this error."""
 
@@ -137,6 +211,35 @@ class StorageError(CommitpointError, OSError):
         super().__init__(f"{operation} {path} failed: {cause}")
 
 
+class StoragePermissionError(StorageError, PermissionError):
+    """The store refused the request: bad or expired credentials, or no permission (401/403).
+
+    Also a :class:`PermissionError`, so ``except PermissionError`` catches it on every backend;
+    ``code`` is the store's own error code (e.g. S3's ``AccessDenied``), ``status`` the HTTP
+    status.
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        path: str,
+        cause: BaseException | str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(operation, path, cause)
+        self.code = code
+        self.status = status
+
+
+class UploadFailed(StorageError):
+    """An upload cannot go on (too many parts, or an earlier part failed)."""
+
+    def __init__(self, path: str, cause: BaseException | str) -> None:
+        super().__init__("upload", path, cause)
+
+
 class SaveFailed(CommitpointError):
     """A save function raised; its step was not committed.
 
@@ -151,7 +254,11 @@ class SaveFailed(CommitpointError):
         super().__init__(f"save {name!r} of step {step} failed: {type(cause).__name__}: {cause}")
 
 
-class StagingFailed(CommitpointError):
+class StagingError(CommitpointError):
+    """Copying a state dict into staging buffers did not give a usable snapshot."""
+
+
+class StagingFailed(StagingError):
     """Copying a state dict into its staging buffers failed, so none of it may be saved.
 
     ``tensor`` names the failing entry by its key path (e.g. ``optimizer.state.0.exp_avg``).
@@ -163,5 +270,32 @@ class StagingFailed(CommitpointError):
         super().__init__(f"staging tensor {tensor!r} failed: {type(cause).__name__}: {cause}")
 
 
-class StagingTimeout(CommitpointError, TimeoutError):
+class StagingTimeout(StagingError, TimeoutError):
     """Staging waited longer than allowed: for a free snapshot slot, or for a copy to finish."""
+
+
+class SlotTimeout(CommitpointError, TimeoutError):
+    """No save slot became free within the timeout (the save strategy limits writers)."""
+
+    def __init__(self, strategy: str, timeout: float | None) -> None:
+        self.strategy = strategy
+        self.timeout = timeout
+        super().__init__(f"no save slot within {timeout} s ({strategy})")
+
+
+Translate = Callable[[BaseException], BaseException]
+
+
+@contextlib.contextmanager
+def map_errors(translate: Translate) -> Iterator[None]:
+    """Turn any non-commitpoint exception raised inside the block into ``translate(exc)``.
+
+    commitpoint's own errors pass through unchanged; the original stays chained as the cause.
+    This is the one place foreign errors are mapped (backends supply ``translate``).
+    """
+    try:
+        yield
+    except CommitpointError:
+        raise
+    except Exception as exc:
+        raise translate(exc) from exc

@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from commitpoint.checksum import DEFAULT_ALGORITHM, Checksum
+from commitpoint.core.checksum import DEFAULT_ALGORITHM, Checksum
+from commitpoint.core.layout import decode_pointer, encode_pointer, safe_relpath
 from commitpoint.errors import CommitpointError, StorageError, register_secret
-from commitpoint.layout import decode_pointer, encode_pointer, safe_relpath
 from commitpoint.storage.protocol import FileInfo, FileRecord, PointerState
 
 if TYPE_CHECKING:

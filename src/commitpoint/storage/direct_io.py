@@ -24,8 +24,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from commitpoint.checksum import Checksum
-from commitpoint.layout import TEMP_MARKER
+from commitpoint.core.checksum import Checksum
+from commitpoint.core.layout import TEMP_MARKER
 
 # Small buffers keep a just-filled buffer in cache for its checksum; four of them absorb the
 # disk's jitter. Measured with benchmarks/local_throughput.py: 16 MiB ran 5-10% slower.

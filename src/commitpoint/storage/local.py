@@ -18,9 +18,9 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from commitpoint.checksum import Checksum
+from commitpoint.core.checksum import Checksum
+from commitpoint.core.layout import META_DIR, safe_relpath
 from commitpoint.errors import CommitConflict, StorageError
-from commitpoint.layout import META_DIR, safe_relpath
 from commitpoint.storage.base import FsspecStorage
 from commitpoint.storage.direct_io import DirectFile, fsync_dir
 from commitpoint.storage.protocol import PointerState

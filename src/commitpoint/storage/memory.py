@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 from fsspec.implementations.memory import MemoryFileSystem
 
+from commitpoint.core.layout import safe_relpath
 from commitpoint.errors import CommitConflict
-from commitpoint.layout import safe_relpath
 from commitpoint.storage.base import FsspecStorage
 from commitpoint.storage.protocol import PointerState
 

@@ -3,7 +3,7 @@
 A backend wraps one fsspec filesystem rooted at a URL. Everything above it (the monotonic
 compare-and-swap loop, manifests, verification, retention, the writer lease) is built once in the
 core from these operations. Paths given to a backend are always relative to its root and pass
-through :func:`commitpoint.layout.safe_relpath` first.
+through :func:`commitpoint.core.layout.safe_relpath` first.
 """
 
 from __future__ import annotations

@@ -2,7 +2,12 @@
 
 The core registers ``file`` and ``memory``; plug-in distributions (``commitpoint-s3``,
 ``commitpoint-gcs``, or anyone's) register their schemes the same way. The core never imports a
-plug-in by name. :func:`register_backend` adds a scheme at run time (tests, wrappers).
+plug-in by name. :func:`register_backend` adds a scheme at run time (tests).
+
+Wrappers (fault injection today, anything that sits over another backend) plug in the same way:
+a storage option named after a wrapper, registered in the ``commitpoint.wrappers`` group or by
+:func:`register_wrapper`, is taken out of the options and wraps the opened backend
+(``wrapper(storage, value)``). The core knows no wrapper by name.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from commitpoint.errors import BackendNotFound, InvalidArgument
 from commitpoint.storage.protocol import StorageBackend
 
 ENTRY_POINT_GROUP = "commitpoint.backends"
+WRAPPER_GROUP = "commitpoint.wrappers"
 BackendFactory = Callable[..., StorageBackend]
+WrapperFactory = Callable[[StorageBackend, Any], StorageBackend]
 
 _INSTALL_HINTS = {
     "s3": "install it with `pip install commitpoint-s3`",
@@ -25,6 +32,7 @@ _INSTALL_HINTS = {
     "gcs": "install it with `pip install commitpoint-gcs`",
 }
 _registered: dict[str, BackendFactory] = {}
+_wrappers: dict[str, WrapperFactory] = {}
 _lock = threading.Lock()
 
 
@@ -38,6 +46,30 @@ def register_backend(scheme: str, factory: BackendFactory) -> None:
     """Register ``factory(url, **storage_options)`` for ``scheme`` in this process."""
     with _lock:
         _registered[scheme.lower()] = factory
+
+
+def register_wrapper(option: str, factory: WrapperFactory) -> None:
+    """Have ``open_storage(url, <option>=value)`` return ``factory(backend, value)``."""
+    with _lock:
+        _wrappers[option] = factory
+
+
+def _wrapper_names() -> set[str]:
+    with _lock:
+        names = set(_wrappers)
+    return names | {ep.name for ep in entry_points(group=WRAPPER_GROUP)}
+
+
+def _wrapper(option: str) -> WrapperFactory:
+    with _lock:
+        if option in _wrappers:
+            return _wrappers[option]
+    for ep in entry_points(group=WRAPPER_GROUP):
+        if ep.name == option:
+            factory: WrapperFactory = ep.load()
+            register_wrapper(option, factory)
+            return factory
+    raise LookupError(option)  # pragma: no cover - only called with known names
 
 
 def _lookup(scheme: str) -> BackendFactory:
@@ -63,15 +95,15 @@ def available_schemes() -> list[str]:
 def open_storage(url: str, **storage_options: Any) -> StorageBackend:
     """Open the checkpoint root at ``url`` with the backend registered for its scheme.
 
-    The option ``faults`` (a :class:`commitpoint.testing.faults.FaultPlan` or its dict) wraps the
-    backend in a fault injector: for reliability tests, never for production roots.
+    Options named after a registered wrapper (see the module docstring; the testing kit's
+    ``faults``) wrap the backend instead of reaching it.
     """
     if not isinstance(url, str) or not url.strip():
         raise InvalidArgument(f"storage URL must be a non-empty str, got {url!r}")
-    faults = storage_options.pop("faults", None)
+    wanted = sorted(_wrapper_names() & set(storage_options))
+    wrapping = [(name, storage_options.pop(name)) for name in wanted]
     storage = _lookup(scheme_of(url))(url, **storage_options)
-    if faults is None:
-        return storage
-    from commitpoint.testing.faults import wrap_with_faults
-
-    return wrap_with_faults(storage, faults)
+    for name, value in wrapping:
+        if value is not None:
+            storage = _wrapper(name)(storage, value)
+    return storage

@@ -21,15 +21,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from commitpoint.coordinator import CheckpointCoordinator
-from commitpoint.layout import Kind
-from commitpoint.manifest import Manifest
+from commitpoint.core.layout import Kind
+from commitpoint.core.manifest import Manifest
 from commitpoint.monitor import CheckpointMonitor
-from commitpoint.reader import CheckpointReader
+from commitpoint.monitor.slots import SaveStrategy
+from commitpoint.read.reader import CheckpointReader
+from commitpoint.read.verify import VerifyReport
+from commitpoint.save.coordinator import CheckpointCoordinator
 from commitpoint.storage.protocol import FileInfo, StorageBackend
 from commitpoint.storage.registry import open_storage
-from commitpoint.strategy import SaveStrategy
-from commitpoint.verify import VerifyReport
 
 
 class MissingTestDependency(ImportError):
@@ -114,8 +114,8 @@ def commit_step(
     """
     import torch
 
-    from commitpoint.layout import step_dir
-    from commitpoint.torch_io import save_torch
+    from commitpoint.core.layout import step_dir
+    from commitpoint.save.torch_io import save_torch
 
     storage = coordinator.storage
     folder = step_dir(step)

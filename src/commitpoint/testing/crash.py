@@ -40,17 +40,17 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
-from commitpoint.coordinator import CheckpointCoordinator
+from commitpoint.core.layout import Kind, parse_step_dir, step_dir
+from commitpoint.core.manifest import is_manifest, manifest_path
 from commitpoint.errors import CommitpointError, CorruptCheckpoint
-from commitpoint.layout import Kind, parse_step_dir, step_dir
-from commitpoint.manifest import is_manifest, manifest_path
+from commitpoint.maintenance.retention import RetentionPolicy, RetentionResult
 from commitpoint.monitor import CheckpointMonitor
-from commitpoint.reader import CheckpointReader
-from commitpoint.retention import RetentionPolicy, RetentionResult
+from commitpoint.read.reader import CheckpointReader
+from commitpoint.read.verify import verify_step
+from commitpoint.save.coordinator import CheckpointCoordinator
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 from commitpoint.storage.registry import open_storage
 from commitpoint.testing import CheckpointRoot
-from commitpoint.verify import verify_step
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def _batch(step: int) -> tuple[Any, Any]:
 
 
 def _save(phases: PhaseRecorder, storage: StorageBackend, path: str, payload: object) -> None:
-    from commitpoint.torch_io import save_torch
+    from commitpoint.save.torch_io import save_torch
 
     with phases.busy("save"):
         save_torch(storage, path, payload)

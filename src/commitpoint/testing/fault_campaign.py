@@ -31,14 +31,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from commitpoint.coordinator import CheckpointCoordinator
+from commitpoint.core.layout import Kind
 from commitpoint.errors import CommitpointError, SaveFailed
-from commitpoint.layout import Kind
 from commitpoint.monitor import CheckpointMonitor
+from commitpoint.read.verify import verify_step
+from commitpoint.save.coordinator import CheckpointCoordinator
 from commitpoint.storage.registry import open_storage
 from commitpoint.testing import CheckpointRoot, local_root
 from commitpoint.testing.faults import FaultPlan
-from commitpoint.verify import verify_step
 
 STATE_DICT_SHARDS = 2
 SAVE_TIMEOUT = 120.0
@@ -94,7 +94,7 @@ def _shard(step: int, index: int, numel: int) -> Any:
 def _loads_as_saved(storage: Any, step: int, names: list[str], numel: int) -> str | None:
     import torch
 
-    from commitpoint.torch_io import load_torch
+    from commitpoint.save.torch_io import load_torch
 
     for index, name in enumerate(names):
         loaded = load_torch(storage, f"global_step_{step}/{name}.pt")
@@ -111,7 +111,7 @@ def run_campaign(
     numel: int = 16_384,
 ) -> CampaignReport:
     """Train ``steps`` steps on ``root`` with ``plan``'s faults; see the module docstring."""
-    from commitpoint.torch_io import save_torch
+    from commitpoint.save.torch_io import save_torch
 
     report = CampaignReport(root.backend)
     clean = open_storage(root.url, **root.storage_options)

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from commitpoint.core.layout import safe_relpath
 from commitpoint.errors import InvalidArgument, StorageError
-from commitpoint.layout import safe_relpath
 from commitpoint.storage.protocol import (
     FileInfo,
     FileRecord,

@@ -32,12 +32,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from commitpoint.core.layout import Kind
+from commitpoint.core.manifest import read_manifest
 from commitpoint.errors import CommitpointError, SaveFailed, StepRegression, WriterFenced
-from commitpoint.layout import Kind
-from commitpoint.manifest import read_manifest
+from commitpoint.read.verify import verify_step
 from commitpoint.storage.registry import open_storage
 from commitpoint.testing import CheckpointRoot
-from commitpoint.verify import verify_step
 
 POINTER = Kind.STATE_DICT.pointer
 BAD_OUTCOMES = ("regressions", "unverifiable", "overwritten", "lost", "worker_errors")
@@ -67,8 +67,8 @@ class FencingReport:
 # -- the worker process ------------------------------------------------------------------------
 def _worker(url: str, options: dict[str, Any], name: str, attempts: int, seed: int) -> None:
     """Race for commits; print one JSON line per attempt."""
-    from commitpoint.coordinator import CheckpointCoordinator
     from commitpoint.monitor import CheckpointMonitor
+    from commitpoint.save.coordinator import CheckpointCoordinator
 
     rng = random.Random(seed)
     storage = open_storage(url, **options)

@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 from fsspec.asyn import sync
 
+from commitpoint.core.layout import safe_relpath
 from commitpoint.errors import CommitConflict, CommitpointError, InvalidArgument, StorageError
-from commitpoint.layout import safe_relpath
 from commitpoint.storage.base import FsspecStorage, FsspecWriter
 from commitpoint.storage.protocol import PointerState
 from commitpoint_gcs.resumable import CHUNK_ALIGNMENT, ResumableUpload, multipart_body

@@ -7,7 +7,7 @@ open file holds at most two chunks). gcsfs's request layer retries 408/429/5xx a
 connections with backoff.
 
 When the upload finishes, GCS answers with the object's metadata. The size it reports must equal
-the bytes sent, and when the writer's checksum is CRC32C (see :mod:`commitpoint.checksum`), the
+the bytes sent, and when the writer's checksum is CRC32C (see :mod:`commitpoint.core.checksum`), the
 ``crc32c`` GCS computed must equal it; otherwise the object is deleted and
 :class:`ChecksumMismatch` is raised, so a corrupted upload never reaches a manifest.
 """
@@ -26,7 +26,7 @@ from urllib.parse import quote
 from fsspec.asyn import sync
 
 from commitpoint.errors import StorageError
-from commitpoint.storage.upload_pieces import BufferBody, Piece
+from commitpoint.storage.upload.pieces import BufferBody, Piece
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from fsspec.asyn import sync
 
+from commitpoint.core.layout import safe_relpath
 from commitpoint.errors import CommitConflict, InvalidArgument, StorageError
-from commitpoint.layout import safe_relpath
 from commitpoint.storage.base import FsspecStorage
 from commitpoint.storage.protocol import PointerState
 from commitpoint_s3.multipart import MAX_PART_SIZE, MIN_PART_SIZE, ParallelMultipartUpload

@@ -29,8 +29,8 @@ from typing import Any
 
 from fsspec.asyn import sync
 
-from commitpoint.checksum import Checksum, available_algorithms
-from commitpoint.storage.upload_pieces import BufferBody, Piece
+from commitpoint.core.checksum import Checksum, available_algorithms
+from commitpoint.storage.upload.pieces import BufferBody, Piece
 from commitpoint_s3.retry import call_with_retries, client_call, error_code
 
 logger = logging.getLogger(__name__)

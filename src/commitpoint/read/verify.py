@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from commitpoint.checksum import checksum_stream
+from commitpoint.core.checksum import checksum_stream
+from commitpoint.core.layout import Kind, step_dir
+from commitpoint.core.manifest import Manifest, read_manifest_for
 from commitpoint.errors import CorruptCheckpoint
-from commitpoint.layout import Kind, step_dir
-from commitpoint.manifest import Manifest, read_manifest_for
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 
 

@@ -35,11 +35,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from commitpoint.core.layout import Kind, check_step, parse_step_dir
+from commitpoint.core.manifest import manifest_path
 from commitpoint.errors import CorruptCheckpoint, InvalidArgument, StorageError
-from commitpoint.layout import Kind, check_step, parse_step_dir
-from commitpoint.manifest import manifest_path
+from commitpoint.read.verify import verify_step
 from commitpoint.storage.protocol import StorageBackend
-from commitpoint.verify import verify_step
 
 logger = logging.getLogger(__name__)
 

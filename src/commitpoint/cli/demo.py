@@ -19,13 +19,13 @@ import time
 from functools import partial
 from typing import Any
 
-from commitpoint.coordinator import CheckpointCoordinator
-from commitpoint.layout import STATE_DICT_POINTER, step_dir
+from commitpoint.core.layout import STATE_DICT_POINTER, step_dir
+from commitpoint.core.pointer import rewind_pointer
 from commitpoint.monitor import CheckpointMonitor
-from commitpoint.pointer import rewind_pointer
-from commitpoint.reader import CheckpointReader
-from commitpoint.staging import StagedStateDict
-from commitpoint.torch_io import save_torch
+from commitpoint.read.reader import CheckpointReader
+from commitpoint.save.coordinator import CheckpointCoordinator
+from commitpoint.save.staging import StagedStateDict
+from commitpoint.save.torch_io import save_torch
 
 
 def _say(text: str) -> None:

@@ -26,31 +26,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from commitpoint.core.layout import Kind, parse_step_dir, step_dir
+from commitpoint.core.manifest import read_manifest
 from commitpoint.errors import (
     BackendNotFound,
     CommitConflict,
     CommitpointError,
     CorruptCheckpoint,
     InvalidArgument,
+    NotFound,
     StorageError,
 )
-from commitpoint.layout import Kind, parse_step_dir, step_dir
-from commitpoint.manifest import read_manifest
-from commitpoint.retention import DEFAULT_ORPHAN_MIN_AGE_S, RetentionPolicy
-from commitpoint.rewind import BOTH, rewind
+from commitpoint.maintenance.retention import DEFAULT_ORPHAN_MIN_AGE_S, RetentionPolicy
+from commitpoint.maintenance.rewind import BOTH, rewind
+from commitpoint.read.verify import VerifyReport, verify_step
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 from commitpoint.storage.registry import open_storage
-from commitpoint.verify import VerifyReport, verify_step
 
 OK = 0
 CORRUPT = 1
 USAGE = 2
 NOT_FOUND = 3
 STORAGE = 4
-
-
-class NotFound(CommitpointError):
-    """Nothing committed, or the asked-for step does not exist (exit code 3)."""
 
 
 @dataclass
@@ -319,7 +316,7 @@ def _cmd_rewind(args: argparse.Namespace, out: _Out) -> int:
 
 
 def _cmd_demo(argv: list[str]) -> int:
-    from commitpoint.demo import main as demo_main
+    from commitpoint.cli.demo import main as demo_main
 
     return int(demo_main(argv))
 
@@ -464,4 +461,4 @@ def main(
         return code
 
 
-__all__ = ["CORRUPT", "NOT_FOUND", "OK", "STORAGE", "USAGE", "NotFound", "build_parser", "main"]
+__all__ = ["CORRUPT", "NOT_FOUND", "OK", "STORAGE", "USAGE", "build_parser", "main"]

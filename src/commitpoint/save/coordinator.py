@@ -6,8 +6,8 @@ outcome with the records of every file written through :attr:`CheckpointCoordina
 A failure is logged at once and re-raised by :meth:`wait_all`; it never blocks other saves.
 
 ``stage`` + ``save_staged_async`` do the same for live tensors: the snapshot is copied in the
-background (:mod:`commitpoint.staging`), and the save thread waits for it, writes it and gives its
-buffers back; a failed copy fails the save like any other error.
+background (:mod:`commitpoint.save.staging`), and the save thread waits for it, writes it and
+gives its buffers back; a failed copy fails the save like any other error.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from commitpoint.core.layout import (
+    WRITER_EPOCH,
+    Kind,
+    check_name,
+    check_step,
+    step_dir,
+    step_of_path,
+)
+from commitpoint.core.manifest import read_manifest_for
 from commitpoint.errors import (
     InvalidArgument,
     MonitorRestarted,
@@ -27,10 +36,8 @@ from commitpoint.errors import (
     WriterFenced,
     redact,
 )
-from commitpoint.layout import WRITER_EPOCH, Kind, check_name, check_step, step_dir, step_of_path
-from commitpoint.manifest import read_manifest_for
-from commitpoint.monitor_client import MonitorClient
-from commitpoint.staging import StagedStateDict, Stager, StagingOptions
+from commitpoint.monitor.transport import MonitorClient
+from commitpoint.save.staging import StagedStateDict, Stager, StagingOptions
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.storage.registry import open_storage
 
@@ -76,7 +83,7 @@ class CheckpointCoordinator:
         staging: StagingOptions | None = None,
     ) -> None:
         self._monitor = MonitorClient(checkpoint_monitor)
-        url, options = self._monitor.call("storage_config")
+        url, options = self._monitor.storage_config()
         self._storage = open_storage(url, **options)
         self._writer_epoch: int | None = None
         self._saving = threading.local()  # epoch and kind of the save this thread runs
@@ -97,7 +104,8 @@ class CheckpointCoordinator:
         return self._storage
 
     @property
-    def monitor(self) -> Any:
+    def monitor(self) -> MonitorClient:
+        """The client this coordinator reaches its monitor through."""
         return self._monitor
 
     def step_dir(self, global_step: int) -> str:
@@ -227,7 +235,7 @@ class CheckpointCoordinator:
     ) -> SaveFailed | None:
         started = False
         try:
-            latest = self._monitor.call("notify_started", self._node_id, self._job_id)
+            latest = self._monitor.notify_started(self._node_id, self._job_id)
             started = True
             self._refuse_committed_step(step, is_state_dict, latest)
             self._writer_epoch = self._saving.epoch = latest.get("writer_epoch")
@@ -238,8 +246,7 @@ class CheckpointCoordinator:
             finally:
                 self._saving.kind = self._saving.epoch = None
             records = self._storage.take_records(step_dir(step))
-            self._monitor.call(
-                "notify_finished",
+            self._monitor.notify_finished(
                 step,
                 is_state_dict,
                 name=name,
@@ -252,8 +259,7 @@ class CheckpointCoordinator:
             described = redact(f"{type(exc).__name__}: {exc}")
             logger.error("save %r of step %d failed: %s", name, step, described)
             try:
-                self._monitor.call(
-                    "notify_failed",
+                self._monitor.notify_failed(
                     step,
                     is_state_dict,
                     name=name,
@@ -359,16 +365,13 @@ class CheckpointCoordinator:
         participants: int = 1,
     ) -> None:
         """Tell the monitor how many saves ``global_step`` has, and to commit it when done."""
-        for method, args, kwargs in self._registration(
-            global_step,
-            is_state_dict,
-            state_dict_thread_count,
-            checkpoint_thread_count,
-            participants,
-        ):
-            result = await self._monitor.acall(method, *args, **kwargs)
-            if method == "monitor_step":
-                self._check_epoch(global_step, result)
+        counts = self._registration(
+            global_step, state_dict_thread_count, checkpoint_thread_count, participants
+        )
+        epoch = await self._monitor.aregister(
+            global_step, bool(is_state_dict), counts, participants
+        )
+        self._check_epoch(global_step, epoch)
 
     def register_and_monitor_sync(
         self,
@@ -380,22 +383,17 @@ class CheckpointCoordinator:
         participants: int = 1,
     ) -> None:
         """:meth:`register_and_monitor` for callers without an event loop."""
-        for method, args, kwargs in self._registration(
-            global_step,
-            is_state_dict,
-            state_dict_thread_count,
-            checkpoint_thread_count,
-            participants,
-        ):
-            result = self._monitor.call(method, *args, **kwargs)
-            if method == "monitor_step":
-                self._check_epoch(global_step, result)
+        counts = self._registration(
+            global_step, state_dict_thread_count, checkpoint_thread_count, participants
+        )
+        epoch = self._monitor.register(global_step, bool(is_state_dict), counts, participants)
+        self._check_epoch(global_step, epoch)
 
     @staticmethod
     def _registration(
-        step: int, is_state_dict: bool, state_dicts: int, checkpoints: int, participants: int
-    ) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
-        """The two monitor calls of a registration, after checking every argument."""
+        step: int, state_dicts: int, checkpoints: int, participants: int
+    ) -> dict[str, int]:
+        """The counts of a registration, after checking every argument."""
         check_step(step)
         counts = {
             "state_dict_thread_count": check_step(state_dicts, "state_dict_thread_count"),
@@ -403,15 +401,11 @@ class CheckpointCoordinator:
         }
         if check_step(participants, "participants") < 1:
             raise InvalidArgument("participants must be at least 1")
-        return [
-            ("register_thread_count", (step,), counts),
-            ("monitor_step", (step, bool(is_state_dict), participants), {}),
-        ]
+        return counts
 
     def latest_steps(self) -> dict[str, int | None]:
         """Latest committed steps as the monitor knows them."""
-        result: dict[str, int | None] = self._monitor.call("latest_steps")
-        return result
+        return self._monitor.latest_steps()
 
     def __enter__(self) -> CheckpointCoordinator:
         return self

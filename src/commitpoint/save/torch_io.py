@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from commitpoint.layout import safe_relpath
+from commitpoint.core.layout import safe_relpath
 from commitpoint.storage.protocol import StorageBackend
 
 

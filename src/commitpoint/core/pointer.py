@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import enum
 import logging
-import random
-import time
 from collections.abc import Callable
+from typing import TypeVar
 
+from commitpoint.core.layout import check_step
+from commitpoint.core.retry import RetryPolicy, retry
 from commitpoint.errors import CommitConflict, StepRegression
-from commitpoint.layout import check_step
 from commitpoint.storage.protocol import StorageBackend
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 64
+CAS_RETRY = RetryPolicy(attempts=MAX_ATTEMPTS, base_delay=0.0005, max_delay=0.05, full_jitter=True)
+"""A lost compare-and-swap is re-read and decided again, after a short jittered pause."""
 
 
 class Advance(enum.Enum):
@@ -35,8 +39,20 @@ def read_step(storage: StorageBackend, name: str) -> int | None:
     return storage.read_pointer(name).value
 
 
-def _backoff(attempt: int) -> None:
-    time.sleep(min(0.05, 0.0005 * 2**attempt) * random.random())
+def _compare_and_swap(storage: StorageBackend, name: str, attempt: Callable[[], T]) -> T:
+    """Run one read-decide-write ``attempt`` until it does not lose a race."""
+    try:
+        return retry(
+            attempt,
+            CAS_RETRY,
+            retry_on=(CommitConflict,),
+            what=f"compare-and-swap of {storage.url_for(name)}",
+            log_level=logging.DEBUG,
+        )
+    except CommitConflict:
+        raise CommitConflict(
+            storage.url_for(name), f"still contended after {MAX_ATTEMPTS} attempts"
+        ) from None
 
 
 def advance_pointer(
@@ -53,7 +69,8 @@ def advance_pointer(
     :class:`CommitConflict` if it kept changing for :data:`MAX_ATTEMPTS` tries.
     """
     check_step(step)
-    for attempt in range(MAX_ATTEMPTS):
+
+    def attempt() -> Advance:
         state = storage.read_pointer(name)
         if state.value is not None:
             if step < state.value:
@@ -62,14 +79,10 @@ def advance_pointer(
                 return Advance.ALREADY_THERE
         if before_write is not None:
             before_write()
-        try:
-            storage.write_pointer_if(name, step, state.token)
-        except CommitConflict:
-            logger.debug("pointer %s changed under us; re-reading", storage.url_for(name))
-            _backoff(attempt)
-            continue
+        storage.write_pointer_if(name, step, state.token)
         return Advance.MOVED
-    raise CommitConflict(storage.url_for(name), f"still contended after {MAX_ATTEMPTS} attempts")
+
+    return _compare_and_swap(storage, name, attempt)
 
 
 def rewind_pointer(storage: StorageBackend, name: str, step: int, expected: int | None) -> None:
@@ -89,13 +102,23 @@ def rewind_pointer(storage: StorageBackend, name: str, step: int, expected: int 
 
 def bump_counter(storage: StorageBackend, name: str) -> int:
     """Increment a counter object by compare-and-swap and return the new value."""
-    for attempt in range(MAX_ATTEMPTS):
+
+    def attempt() -> int:
         state = storage.read_pointer(name)
         value = (state.value or 0) + 1
-        try:
-            storage.write_pointer_if(name, value, state.token)
-        except CommitConflict:
-            _backoff(attempt)
-            continue
+        storage.write_pointer_if(name, value, state.token)
         return value
-    raise CommitConflict(storage.url_for(name), f"still contended after {MAX_ATTEMPTS} attempts")
+
+    return _compare_and_swap(storage, name, attempt)
+
+
+def rewrite_pointer(storage: StorageBackend, name: str) -> None:
+    """Rewrite pointer ``name`` with its own value by compare-and-swap, giving it a new version
+    token (nothing to do if it does not exist)."""
+
+    def attempt() -> None:
+        state = storage.read_pointer(name)
+        if state.value is not None:
+            storage.write_pointer_if(name, state.value, state.token)
+
+    _compare_and_swap(storage, name, attempt)

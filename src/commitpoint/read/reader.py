@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from commitpoint.core.layout import Kind, check_step, safe_relpath, step_dir
+from commitpoint.core.manifest import Manifest
 from commitpoint.errors import InvalidArgument
-from commitpoint.layout import Kind, check_step, safe_relpath, step_dir
-from commitpoint.manifest import Manifest
+from commitpoint.read.verify import VerifyReport, load_manifest, verify_file, verify_step
+from commitpoint.read.watch import awatch, watch
+from commitpoint.save.torch_io import load_torch
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.storage.registry import open_storage
-from commitpoint.torch_io import load_torch
-from commitpoint.verify import VerifyReport, load_manifest, verify_file, verify_step
-from commitpoint.watch import awatch, watch
 
 
 class CheckpointReader:
@@ -102,10 +102,11 @@ class CheckpointReader:
         return load_torch(self.storage, path, map_location=map_location, weights_only=weights_only)
 
     def watch(self, **options: Any) -> Iterator[int]:
-        """Yield each newly committed, verified state-dict step (:func:`commitpoint.watch.watch`
-        takes the options: kind, after, include_current, every_step, interval, stop, timeout...)."""
+        """Yield each newly committed, verified step (options as for
+        :func:`~commitpoint.read.watch.watch`: kind, after, include_current, every_step, interval,
+        stop, timeout...)."""
         return watch(self.storage, **options)
 
     def awatch(self, **options: Any) -> AsyncIterator[int]:
-        """:meth:`watch` as an async iterator (:func:`commitpoint.watch.awatch`)."""
+        """:meth:`watch` as an async iterator (:func:`commitpoint.read.watch.awatch`)."""
         return awatch(self.storage, **options)

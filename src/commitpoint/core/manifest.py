@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from commitpoint.checksum import DEFAULT_ALGORITHM, checksum_stream
+from commitpoint.core.checksum import DEFAULT_ALGORITHM, checksum_stream
+from commitpoint.core.layout import Kind, is_temporary, step_dir, step_of_path
 from commitpoint.errors import CorruptCheckpoint, StorageError
-from commitpoint.layout import Kind, is_temporary, step_dir, step_of_path
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 
 FORMAT_VERSION = 1

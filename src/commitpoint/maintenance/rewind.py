@@ -1,11 +1,12 @@
 """Rewind: move pointers back to an earlier step that verifies, on purpose, with an audit trail.
 
-The commit path only ever moves pointers forward (:func:`commitpoint.pointer.advance_pointer`);
-going back is this separate operation. :func:`rewind` checks the target step against its manifest
-(:func:`commitpoint.verify.verify_step`), moves each pointer by one compare-and-swap
-(:func:`commitpoint.pointer.rewind_pointer`) against the step it expected, verifies the target once
-more (retention may have been deleting it at that instant; if so the pointer is moved back and
-:class:`CorruptCheckpoint` raised), and appends one JSON line per moved pointer to
+The commit path only ever moves pointers forward
+(:func:`~commitpoint.core.pointer.advance_pointer`); going back is this separate operation.
+:func:`rewind` checks the target step against its manifest
+(:func:`~commitpoint.read.verify.verify_step`), moves each pointer by one compare-and-swap
+(:func:`~commitpoint.core.pointer.rewind_pointer`) against the step it expected, verifies the
+target once more (retention may have been deleting it at that instant; if so the pointer is moved
+back and :class:`CorruptCheckpoint` raised), and appends one JSON line per moved pointer to
 ``.commitpoint/rewind_history.jsonl``.
 
 After a rewind to step S, training commits S+1, S+2, ... again through the normal path; steps above
@@ -27,12 +28,12 @@ import socket
 import time
 from dataclasses import dataclass
 
+from commitpoint.core.layout import REWIND_HISTORY, Kind, check_step
+from commitpoint.core.pointer import rewind_pointer
 from commitpoint.errors import CommitConflict, CorruptCheckpoint, InvalidArgument
-from commitpoint.layout import REWIND_HISTORY, Kind, check_step
-from commitpoint.pointer import rewind_pointer
+from commitpoint.read.verify import verify_step
 from commitpoint.storage.local import LocalBackend
 from commitpoint.storage.protocol import StorageBackend
-from commitpoint.verify import verify_step
 
 logger = logging.getLogger(__name__)
 

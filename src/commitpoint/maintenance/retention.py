@@ -25,13 +25,14 @@ import datetime as _dt
 import json
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from commitpoint.core.layout import REWIND_HISTORY, Kind, parse_step_dir, step_dir
+from commitpoint.core.manifest import manifest_path
 from commitpoint.errors import InvalidArgument
-from commitpoint.layout import REWIND_HISTORY, Kind, parse_step_dir, step_dir
-from commitpoint.manifest import manifest_path
 from commitpoint.storage.protocol import StorageBackend
 
 logger = logging.getLogger(__name__)
@@ -286,3 +287,41 @@ def _age(storage: StorageBackend, step: int, now: float) -> float | None:
 
 
 __all__ = ["DEFAULT_ORPHAN_MIN_AGE_S", "RetentionPolicy", "RetentionResult"]
+
+
+class BackgroundRetention:
+    """Applies a :class:`RetentionPolicy` on its own thread after commits, one round at a time.
+
+    ``in_flight`` returns the steps still being written (the monitor's open steps), read right
+    before each round; a failing round is logged and deletes nothing more.
+    """
+
+    def __init__(
+        self,
+        policy: RetentionPolicy,
+        storage: StorageBackend,
+        in_flight: Callable[[], Collection[int]],
+    ) -> None:
+        self._policy = policy
+        self._storage = storage
+        self._in_flight = in_flight
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="commitpoint-retention")
+
+    def after_commit(self, step: int, kind: Kind) -> None:
+        """A commit listener: schedule a round."""
+        try:
+            self._pool.submit(self._round)
+        except RuntimeError:  # closed: the commit stands, retention just does not run
+            logger.debug("monitor closed; no retention round after step %d", step)
+
+    def _round(self) -> None:
+        try:
+            self._policy.apply(self._storage, in_flight=set(self._in_flight()))
+        except Exception:
+            logger.exception(
+                "retention on %s failed; nothing more is deleted this round", self._storage.url
+            )
+
+    def close(self) -> None:
+        """Wait for a round in progress; no new ones start."""
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,1 @@
+"""What deletes or moves back: retention and orphan collection, and rewind."""

@@ -1,0 +1,142 @@
+"""How coordinators reach a monitor: in-process or as a Ray actor, behind one typed client.
+
+:class:`MonitorClient` has one method per monitor call a coordinator makes. Each forwards to the
+monitor's method of the same name: directly for an in-process monitor, through ``.remote`` +
+``ray.get`` for an actor handle; the async forms are derived from the same call, once.
+:func:`get_or_create_actor` is the Ray actor factory behind ``CheckpointMonitor.get_actor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from commitpoint.errors import InvalidArgument
+from commitpoint.storage.protocol import FileRecord
+
+if TYPE_CHECKING:
+    from commitpoint.monitor.service import CheckpointMonitor
+
+T = TypeVar("T")
+
+ACTOR_DEFAULTS: dict[str, Any] = {
+    "get_if_exists": True,
+    "max_restarts": -1,
+    "max_concurrency": 1024,
+    "num_cpus": 0,
+}
+"""Ray options of the monitor actor unless the caller overrides them."""
+
+
+def get_or_create_actor(
+    cls: type[CheckpointMonitor],
+    *,
+    namespace: str,
+    name: str,
+    init_args: Sequence[Any],
+    actor_options: Mapping[str, Any],
+) -> Any:
+    """The named monitor actor in ``namespace``: created on first call, shared afterwards."""
+    import ray
+
+    options = {**ACTOR_DEFAULTS, "name": name, "namespace": namespace, **actor_options}
+    return ray.remote(cls).options(**options).remote(*init_args)
+
+
+class MonitorClient:
+    """Calls a monitor synchronously or from an event loop, in-process or over Ray."""
+
+    def __init__(self, monitor: Any) -> None:
+        from commitpoint.monitor.service import CheckpointMonitor
+
+        if isinstance(monitor, CheckpointMonitor):
+            self._local: CheckpointMonitor | None = monitor
+        elif hasattr(getattr(monitor, "notify_finished", None), "remote"):
+            self._local = None
+        else:
+            raise InvalidArgument(
+                "checkpoint_monitor must be a CheckpointMonitor or the Ray actor handle from "
+                f"CheckpointMonitor.get_actor(), got {type(monitor).__name__}"
+            )
+        self._monitor = monitor
+
+    @property
+    def is_remote(self) -> bool:
+        return self._local is None
+
+    # -- the calls ----------------------------------------------------------------------------
+    def storage_config(self) -> tuple[str, dict[str, Any]]:
+        result: tuple[str, dict[str, Any]] = self._call("storage_config")
+        return result
+
+    def latest_steps(self) -> dict[str, int | None]:
+        result: dict[str, int | None] = self._call("latest_steps")
+        return result
+
+    def notify_started(self, node_id: str, job_id: str) -> dict[str, int | None]:
+        result: dict[str, int | None] = self._call("notify_started", node_id, job_id)
+        return result
+
+    def notify_finished(
+        self,
+        step: int,
+        is_state_dict: bool,
+        *,
+        name: str,
+        files: list[FileRecord],
+        writer_epoch: int | None,
+    ) -> None:
+        self._call(
+            "notify_finished",
+            step,
+            is_state_dict,
+            name=name,
+            files=files,
+            writer_epoch=writer_epoch,
+        )
+
+    def notify_failed(
+        self, step: int, is_state_dict: bool, *, name: str, error: str, started: bool
+    ) -> None:
+        self._call(
+            "notify_failed", step, is_state_dict, name=name, error=error, started=started
+        )
+
+    def register(
+        self, step: int, is_state_dict: bool, counts: dict[str, int], participants: int
+    ) -> int:
+        """Register ``counts`` for ``step`` and ask for it to be monitored; the monitor epoch."""
+        self._call("register_thread_count", step, **counts)
+        epoch: int = self._call("monitor_step", step, is_state_dict, participants)
+        return epoch
+
+    async def aregister(
+        self, step: int, is_state_dict: bool, counts: dict[str, int], participants: int
+    ) -> int:
+        """:meth:`register` from an event loop."""
+        if self._local is not None:
+            return await asyncio.to_thread(
+                self.register, step, is_state_dict, counts, participants
+            )
+        await self._acall("register_thread_count", step, **counts)
+        epoch: int = await self._acall("monitor_step", step, is_state_dict, participants)
+        return epoch
+
+    # -- one forwarding path ------------------------------------------------------------------
+    def _target(self, method: str) -> Any:
+        return getattr(self._local if self._local is not None else self._monitor, method)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        target = self._target(method)
+        if self._local is not None:
+            return target(*args, **kwargs)
+        import ray
+
+        return ray.get(target.remote(*args, **kwargs))
+
+    async def _acall(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        target = self._target(method)
+        if self._local is not None:
+            return await asyncio.to_thread(target, *args, **kwargs)
+        return await target.remote(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""Everything that consumes committed steps: the reader, verification and watching."""

@@ -1,0 +1,1 @@
+"""The trainer side, which never commits: the coordinator, staging, and torch serialisation."""
