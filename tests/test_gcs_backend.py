@@ -198,7 +198,7 @@ def test_failed_resumable_upload_leaves_nothing(gcs_checkpoint_root: CheckpointR
         writer.write(os.urandom(3 * CHUNK + 5))
         raise RuntimeError("serialisation failed")
     assert not storage.exists("global_step_1/big.bin")
-    assert storage.take_records("global_step_1") == []
+    assert storage.records.take("global_step_1") == []
 
 
 def test_chunk_size_is_validated(gcs_checkpoint_root: CheckpointRoot) -> None:
@@ -260,7 +260,7 @@ def test_corruption_in_transit_is_caught_and_never_committed(
         assert "global_step_1/victim.bin" in str(info.value)
         assert plan.altered  # the proxy really did corrupt the upload
         assert not storage.exists("global_step_1/victim.bin")  # the bad object was deleted
-        assert storage.take_records("global_step_1") == []
+        assert storage.records.take("global_step_1") == []
 
         coordinator = CheckpointCoordinator(CheckpointMonitor(root.url, options))
         cstorage = coordinator.storage

@@ -95,7 +95,7 @@ def test_failed_upload_is_aborted_and_not_recorded(s3_checkpoint_root: Checkpoin
         writer.write(b"x" * (11 * 1024 * 1024))
         raise RuntimeError("serialisation failed")
     assert not storage.exists("global_step_1/big.bin")
-    assert storage.take_records("global_step_1") == []
+    assert storage.records.take("global_step_1") == []
     bucket = s3_checkpoint_root.url[len("s3://") :].split("/")[0]
     uploads = _boto3_client(s3_checkpoint_root).list_multipart_uploads(Bucket=bucket)
     assert uploads.get("Uploads", []) == []
@@ -323,7 +323,7 @@ def test_a_failed_part_aborts_the_upload(
     assert tracker.calls < 8  # stopped early instead of uploading the rest
     assert _pending_uploads(s3_checkpoint_root) == []
     assert not storage.exists("global_step_1/big.bin")
-    assert storage.take_records("global_step_1") == []
+    assert storage.records.take("global_step_1") == []
 
 
 def test_a_failed_completion_aborts_the_upload(
@@ -345,7 +345,7 @@ def test_a_failed_completion_aborts_the_upload(
     with pytest.raises(StorageError, match="InvalidPart"):
         _stream(storage, "global_step_1/big.bin", os.urandom(2 * PART + 1))
     assert _pending_uploads(s3_checkpoint_root) == []
-    assert storage.take_records("global_step_1") == []
+    assert storage.records.take("global_step_1") == []
 
 
 def test_a_completion_retried_after_it_succeeded_is_accepted(

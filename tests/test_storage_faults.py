@@ -80,7 +80,7 @@ def test_a_torn_upload_fails_the_save_and_leaves_no_record(
     with pytest.raises(SaveFailed, match="connection reset"):
         coordinator.wait_all()
     assert root.committed_steps()["state_dict"] is None
-    assert coordinator.storage.take_records("global_step_1") == []
+    assert coordinator.storage.records.take("global_step_1") == []
 
 
 def test_a_store_that_loses_the_tail_of_an_acknowledged_write_is_caught_before_commit(

@@ -149,7 +149,7 @@ def test_torch_zip_crc32_is_skipped_unless_asked_for(
     assert _zip_crc_ok(path) is zip_crc32
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["weight"], state["weight"]) and loaded["step"] == 7
-    [record] = storage.take_records("global_step_1")
+    [record] = storage.records.take("global_step_1")
     with path.open("rb") as stream:
         assert (record.size, record.checksum) == checksum_stream(stream)
 

@@ -3,7 +3,9 @@
 Callers name what they retry (``retry_on``: exception types, or a predicate) and give a
 :class:`RetryPolicy`; the loop sleeps with exponential backoff and jitter between tries, logs each
 retry, and stops at whichever comes first: the last attempt or the deadline. The last error is
-raised unchanged. A synchronous and an asynchronous form share the policy and the decisions.
+raised unchanged. A synchronous and an asynchronous form share the policy and the decisions; the
+asynchronous form also cancels a try still running at the deadline (a store that accepts a
+connection and never answers) and raises :class:`DeadlineExceeded`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RetryOn = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+
+
+class DeadlineExceeded(TimeoutError):
+    """A retried operation was still running when its policy's deadline passed."""
+
+    def __init__(self, what: str, deadline: float, attempt: int) -> None:
+        self.what = what
+        self.deadline = deadline
+        self.attempt = attempt
+        super().__init__(f"{what}: no answer within the {deadline:g} s deadline (try {attempt})")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (DeadlineExceeded, (self.what, self.deadline, self.attempt))
 
 
 @dataclass(frozen=True)
@@ -132,13 +147,26 @@ async def aretry(
     what: str = "operation",
     log_level: int = logging.WARNING,
 ) -> T:
-    """:func:`retry` for a coroutine factory (one new awaitable per try)."""
+    """:func:`retry` for a coroutine factory (one new awaitable per try).
+
+    With a deadline, a try still running when it passes is cancelled: :class:`DeadlineExceeded`.
+    """
     started = time.monotonic()
     attempt = 0
     while True:
         attempt += 1
         try:
-            return await operation()
+            if policy.deadline is None:
+                return await operation()
+            left = policy.deadline - (time.monotonic() - started)
+            try:
+                return await asyncio.wait_for(operation(), max(left, 0.0))
+            except (TimeoutError, asyncio.TimeoutError) as exc:
+                if time.monotonic() - started < policy.deadline:
+                    raise  # the operation's own timeout, retried like any other error
+                raise DeadlineExceeded(what, policy.deadline, attempt) from exc
+        except DeadlineExceeded:
+            raise
         except Exception as exc:
             pause = _next_pause(policy, attempt, started, exc, retry_on)
             if pause is None:

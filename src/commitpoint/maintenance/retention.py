@@ -21,14 +21,12 @@ committed or verifiable; the next round collects the rest as an orphan.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from commitpoint.core.layout import REWIND_HISTORY, Kind, parse_step_dir, step_dir
 from commitpoint.core.manifest import manifest_path
@@ -245,42 +243,14 @@ def _delete_orphan(storage: StorageBackend, step: int) -> str | None:
     return None
 
 
-def _timestamp(info: Mapping[str, Any]) -> float | None:
-    """Modification time of a listed entry, whatever the fsspec filesystem calls it."""
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, _dt.datetime):
-            if value.tzinfo is None:
-                value = value.replace(tzinfo=_dt.timezone.utc)
-            return value.timestamp()
-        if isinstance(value, str):
-            try:
-                parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                continue
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=_dt.timezone.utc)
-            return parsed.timestamp()
-    return None
-
-
 def _age(storage: StorageBackend, step: int, now: float) -> float | None:
-    """Seconds since anything in ``step``'s folder last changed (None if unknown)."""
-    base = storage.full_path(step_dir(step))
+    """Seconds since anything in ``step``'s folder last changed (None if unknown or empty)."""
     try:
-        found: dict[str, Any] = storage.fs.find(base, detail=True)
-        if not found:  # an empty folder (local disk): its own time
-            found = {base: storage.fs.info(base)}
-    except FileNotFoundError:
-        return None
+        found = storage.list_files(step_dir(step))
     except Exception as exc:
         logger.warning("could not list step %d on %s: %s", step, storage.url, exc)
         return None
-    stamps = [_timestamp(info) for info in found.values()]
+    stamps = [info.modified for info in found]
     if not stamps or any(s is None for s in stamps):
         return None
     return now - max(s for s in stamps if s is not None)

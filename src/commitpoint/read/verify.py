@@ -7,6 +7,7 @@ story. :func:`verify_file` checks a single file, which is what a reader's load d
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,8 +57,8 @@ def check_record(storage: StorageBackend, record: FileRecord) -> Problem | None:
     if not storage.exists(record.path):
         return Problem(record.path, "missing")
     if record.checksum is None or record.algorithm is None:
-        info = storage.fs.info(storage.full_path(record.path))
-        size = int(info.get("size") or 0)
+        with storage.open_read(record.path) as stream:
+            size = stream.seek(0, io.SEEK_END)
         return (
             None
             if size == record.size

@@ -88,8 +88,7 @@ class CheckpointCoordinator:
         self._writer_epoch: int | None = None
         self._saving = threading.local()  # epoch and kind of the save this thread runs
         self._step_epochs: dict[int, int] = {}
-        if hasattr(self._storage, "publish_guard"):
-            self._storage.publish_guard = self._guard_publish
+        self._storage.set_publish_guard(self._guard_publish)
         self._node_id = node_id or _default_node_id()
         self._job_id = job_id or str(os.getpid())
         self._threads: dict[str, threading.Thread] = {}
@@ -245,7 +244,7 @@ class CheckpointCoordinator:
                 save_fn()
             finally:
                 self._saving.kind = self._saving.epoch = None
-            records = self._storage.take_records(step_dir(step))
+            records = self._storage.records.take(step_dir(step))
             self._monitor.notify_finished(
                 step,
                 is_state_dict,
@@ -255,7 +254,7 @@ class CheckpointCoordinator:
             )
             return None
         except BaseException as exc:  # every failure must reach wait_all
-            self._storage.take_records(step_dir(step))
+            self._storage.records.take(step_dir(step))
             described = redact(f"{type(exc).__name__}: {exc}")
             logger.error("save %r of step %d failed: %s", name, step, described)
             try:

@@ -2,21 +2,27 @@
 
 A backend subclasses :class:`FsspecStorage`, builds its filesystem, and supplies
 ``read_pointer`` / ``write_pointer_if`` (the only operation whose atomicity differs per store). It
-may override ``_open_raw_write`` to tune streaming uploads and ``_translate_error`` to map the
-store's errors onto :class:`~commitpoint.errors.StorageError`.
+may override ``_open_raw_write`` to tune streaming uploads, ``_translate_error`` to map the
+store's errors onto :class:`~commitpoint.errors.StorageError` (every call site goes through
+:meth:`FsspecStorage._errors`, i.e. :func:`~commitpoint.errors.map_errors`), and
+``_fs_call`` to bound (and, where the filesystem does not, retry) every filesystem call.
+The raw filesystem (:attr:`FsspecStorage.fs`) is for backends and tests only: the core uses the
+protocol.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import logging
-import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 from commitpoint.core.checksum import DEFAULT_ALGORITHM, Checksum
 from commitpoint.core.layout import decode_pointer, encode_pointer, safe_relpath
-from commitpoint.errors import CommitpointError, StorageError, register_secret
-from commitpoint.storage.protocol import FileInfo, FileRecord, PointerState
+from commitpoint.errors import CommitpointError, StorageError, map_errors, register_secret
+from commitpoint.storage.protocol import FileInfo, FileRecord, PointerState, PublishGuard
+from commitpoint.storage.records import FileRecords
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -24,6 +30,7 @@ if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def redact_url(url: str) -> str:
@@ -59,13 +66,11 @@ class FsspecWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = data if isinstance(data, bytes) else memoryview(data).cast("B").toreadonly()
         try:
-            self._raw.write(view)
+            with self._storage._errors("write", self.path):
+                self._raw.write(view)
         except CommitpointError as exc:
             self.failure = exc
             raise
-        except Exception as exc:
-            self.failure = self._storage._translate_error("write", self.path, exc)
-            raise self.failure from exc
         if not self._raw_checksums:
             self._checksum.update(view)
         self._size += len(view)
@@ -101,17 +106,13 @@ class FsspecWriter:
         except BaseException:
             self._storage._abort_raw_write(self._raw, self.path)
             raise
-        try:
+        with self._storage._errors("write", self.path):
             self._storage._finish_raw_write(self._raw)
-        except CommitpointError:
-            raise
-        except Exception as exc:
-            raise self._storage._translate_error("write", self.path, exc) from exc
         self._record = FileRecord(
             self.path, self._size, self._checksum.hexdigest(), self._checksum.algorithm
         )
         if self._track:
-            self._storage._keep_record(self._record)
+            self._storage.records.keep(self._record)
 
     def abort(self) -> None:
         """Give up the write: nothing is recorded and partial data is discarded where possible."""
@@ -154,11 +155,8 @@ class FsspecStorage:
         self._fs = fs
         self._root = root.rstrip("/")
         self._storage_options = dict(storage_options)
-        self._records: dict[str, FileRecord] = {}
-        self._records_lock = threading.Lock()
-        self.publish_guard: Callable[[str], None] | None = None
-        """Called with a file's path just before the file becomes visible; raising abandons it.
-        The coordinator uses it to stop a fenced writer from replacing files."""
+        self._records = FileRecords()
+        self._publish_guard: PublishGuard | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._url!r})"
@@ -185,6 +183,13 @@ class FsspecStorage:
     def storage_options(self) -> dict[str, object]:
         return dict(self._storage_options)
 
+    @property
+    def records(self) -> FileRecords:
+        return self._records
+
+    def set_publish_guard(self, guard: PublishGuard | None) -> None:
+        self._publish_guard = guard
+
     def full_path(self, relpath: str) -> str:
         return f"{self._root}/{safe_relpath(relpath)}"
 
@@ -199,14 +204,23 @@ class FsspecStorage:
             raise StorageError("list", self._url, f"listed path {stripped!r} is outside the root")
         return stripped[len(prefix) :]
 
-    # -- errors -----------------------------------------------------------------------------
+    # -- errors and bounds -------------------------------------------------------------------
     def _translate_error(self, operation: str, relpath: str, exc: BaseException) -> Exception:
         """Map a store error to a :class:`StorageError` naming the URL (backends refine this)."""
         if isinstance(exc, CommitpointError):
             return exc
-        return StorageError(
-            operation, self.url_for(relpath) if relpath else self._url, _describe(exc)
-        )
+        where = self.url_for(relpath) if relpath else self._url
+        if isinstance(exc, TimeoutError):
+            return StorageError(operation, where, f"no answer in time ({_describe(exc)})")
+        return StorageError(operation, where, _describe(exc))
+
+    def _errors(self, operation: str, relpath: str = "") -> contextlib.AbstractContextManager[None]:
+        """The block's foreign errors become :meth:`_translate_error`'s answer (one helper)."""
+        return map_errors(lambda exc: self._translate_error(operation, relpath, exc))
+
+    def _fs_call(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a method of :attr:`fs`; object stores bound it by their deadline here."""
+        return call(*args, **kwargs)
 
     # -- streaming writes -------------------------------------------------------------------
     def _open_raw_write(self, full: str) -> Any:
@@ -217,8 +231,8 @@ class FsspecStorage:
     def _before_publish(self, relpath: str) -> None:
         """Run the publish guard right before the final upload; backends that publish by rename
         call it themselves, later (see the local backend)."""
-        if self.publish_guard is not None:
-            self.publish_guard(relpath)
+        if self._publish_guard is not None:
+            self._publish_guard(relpath)
 
     def _finish_raw_write(self, raw: Any) -> None:
         raw.close()
@@ -229,30 +243,14 @@ class FsspecStorage:
             discard()
         else:
             raw.close()
-            if self._fs.exists(self.full_path(relpath)):
-                self._fs.rm_file(self.full_path(relpath))
+            if self._fs_call(self._fs.exists, self.full_path(relpath)):
+                self._fs_call(self._fs.rm_file, self.full_path(relpath))
 
     def open_write(self, relpath: str, *, track: bool = True) -> FsspecWriter:
         relpath = safe_relpath(relpath)
-        try:
+        with self._errors("open for write", relpath):
             raw = self._open_raw_write(self.full_path(relpath))
-        except CommitpointError:
-            raise
-        except Exception as exc:
-            raise self._translate_error("open for write", relpath, exc) from exc
         return self.writer_class(self, relpath, raw, track)
-
-    def _keep_record(self, record: FileRecord) -> None:
-        with self._records_lock:
-            self._records[record.path] = record
-
-    def take_records(self, prefix: str) -> list[FileRecord]:
-        prefix = safe_relpath(prefix) + "/"
-        with self._records_lock:
-            taken = [r for p, r in self._records.items() if p.startswith(prefix)]
-            for record in taken:
-                del self._records[record.path]
-        return sorted(taken, key=lambda r: r.path)
 
     def write_bytes(self, relpath: str, data: bytes, *, track: bool = True) -> FileRecord:
         with self.open_write(relpath, track=track) as writer:
@@ -263,46 +261,41 @@ class FsspecStorage:
 
     # -- reads and listing ------------------------------------------------------------------
     def open_read(self, relpath: str) -> BinaryIO:
-        try:
+        with self._errors("open for read", relpath):
             return cast(BinaryIO, self._fs.open(self.full_path(relpath), "rb"))
-        except Exception as exc:
-            raise self._translate_error("open for read", relpath, exc) from exc
 
     def read_bytes(self, relpath: str) -> bytes:
-        try:
-            return cast(bytes, self._fs.cat_file(self.full_path(relpath)))
-        except Exception as exc:
-            raise self._translate_error("read", relpath, exc) from exc
+        with self._errors("read", relpath):
+            return cast(bytes, self._fs_call(self._fs.cat_file, self.full_path(relpath)))
 
     def exists(self, relpath: str) -> bool:
-        try:
-            return bool(self._fs.exists(self.full_path(relpath)))
-        except Exception as exc:
-            raise self._translate_error("check", relpath, exc) from exc
+        with self._errors("check", relpath):
+            return bool(self._fs_call(self._fs.exists, self.full_path(relpath)))
 
     def list_files(self, prefix: str = "") -> list[FileInfo]:
         base = self.full_path(prefix) if prefix else self._root
-        try:
-            found = self._fs.find(base, detail=True)
-        except FileNotFoundError:
-            return []
-        except Exception as exc:
-            raise self._translate_error("list", prefix, exc) from exc
-        infos = [
-            FileInfo(self._relative(path), int(info.get("size") or 0))
-            for path, info in found.items()
-            if info.get("type", "file") != "directory"
-        ]
-        return sorted(infos, key=lambda i: i.path)
+        with self._errors("list", prefix), _absent_is_empty():
+            found = self._fs_call(self._fs.find, base, detail=True)
+            return sorted(
+                (
+                    FileInfo(
+                        self._relative(path), int(info.get("size") or 0), modified_time(info)
+                    )
+                    for path, info in found.items()
+                    if info.get("type", "file") != "directory"
+                ),
+                key=lambda i: i.path,
+            )
+        return []
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         base = self.full_path(prefix) if prefix else self._root
-        try:
-            entries = self._fs.ls(base, detail=True)
-        except FileNotFoundError:
-            return []
-        except Exception as exc:
-            raise self._translate_error("list", prefix, exc) from exc
+        with self._errors("list", prefix), _absent_is_empty():
+            entries = self._fs_call(self._fs.ls, base, detail=True)
+            return self._dir_names(entries)
+        return []
+
+    def _dir_names(self, entries: list[dict[str, Any]]) -> list[str]:
         names = {
             self._relative(e["name"]).rsplit("/", 1)[-1]
             for e in entries
@@ -312,16 +305,12 @@ class FsspecStorage:
 
     def delete(self, relpath: str, *, recursive: bool = False) -> None:
         path = self.full_path(relpath)
-        try:
+        with self._errors("delete", relpath), _absent_is_empty():
             if recursive:
-                if self._fs.exists(path):
-                    self._fs.rm(path, recursive=True)
+                if self._fs_call(self._fs.exists, path):
+                    self._fs_call(self._fs.rm, path, recursive=True)
             else:
-                self._fs.rm_file(path)
-        except FileNotFoundError:
-            return
-        except Exception as exc:
-            raise self._translate_error("delete", relpath, exc) from exc
+                self._fs_call(self._fs.rm_file, path)
 
     # -- pointers: backends provide these ---------------------------------------------------
     def read_pointer(self, name: str) -> PointerState:
@@ -373,6 +362,36 @@ def _register_secrets(url: str, options: Any) -> None:
     elif isinstance(options, list | tuple):
         for value in options:
             _register_secrets("", value)
+
+
+@contextlib.contextmanager
+def _absent_is_empty() -> Iterator[None]:
+    """A missing folder lists as empty and a missing file is already deleted."""
+    with contextlib.suppress(FileNotFoundError):
+        yield
+
+
+def modified_time(info: Mapping[str, Any]) -> float | None:
+    """Modification time (epoch seconds) of a listed entry, whatever the filesystem calls it."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, _dt.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=_dt.timezone.utc)
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+            return parsed.timestamp()
+    return None
 
 
 def _reopen(opener: Any, url: str, options: dict[str, Any]) -> Any:

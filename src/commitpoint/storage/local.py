@@ -54,7 +54,7 @@ class LocalBackend(FsspecStorage):
 
     def _open_raw_write(self, full: str) -> Any:
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        guard = self.publish_guard
+        guard = self._publish_guard
         relpath = self._relative(full)
         before_publish = None if guard is None else (lambda: guard(relpath))
         return DirectFile(
@@ -91,10 +91,8 @@ class LocalBackend(FsspecStorage):
         return data, f"{stat.st_ino}:{stat.st_mtime_ns}:{data.hex()}"
 
     def read_pointer(self, name: str) -> PointerState:
-        try:
+        with self._errors("read pointer", name):
             raw = self._read_raw(name)
-        except OSError as exc:
-            raise self._translate_error("read pointer", name, exc) from exc
         if raw is None:
             return PointerState(None, None)
         return PointerState(self._decode_pointer(name, raw[0]), raw[1])
@@ -103,7 +101,7 @@ class LocalBackend(FsspecStorage):
         name = safe_relpath(name)
         path = self.full_path(name)
         directory = os.path.dirname(path)
-        try:
+        with self._errors("commit pointer", name):
             os.makedirs(directory, exist_ok=True)
             with self._pointer_lock(name):
                 current = self._current_token(name)
@@ -124,10 +122,6 @@ class LocalBackend(FsspecStorage):
                     raise
                 fsync_dir(directory)
                 new_token = self._current_token(name)
-        except (CommitConflict, StorageError):
-            raise
-        except OSError as exc:
-            raise self._translate_error("commit pointer", name, exc) from exc
         assert new_token is not None
         return new_token
 

@@ -1,20 +1,26 @@
-"""The storage protocol: the few operations that differ per store.
+"""The storage protocol: byte I/O plus the pointer pair, the few operations that differ per store.
 
-A backend wraps one fsspec filesystem rooted at a URL. Everything above it (the monotonic
-compare-and-swap loop, manifests, verification, retention, the writer lease) is built once in the
-core from these operations. Paths given to a backend are always relative to its root and pass
-through :func:`commitpoint.core.layout.safe_relpath` first.
+Everything above it (the monotonic compare-and-swap loop, manifests, verification, retention, the
+writer lease) is built once in the core from these operations, and nothing above it reaches past
+them to a store's own client. Paths given to a backend are always relative to its root and pass
+through :func:`commitpoint.core.layout.safe_relpath` first. A wrapping backend (fault injection,
+a replica tier) subclasses :class:`~commitpoint.storage.wrapper.StorageWrapper` and overrides only
+what it changes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from fsspec import AbstractFileSystem
+    from commitpoint.storage.records import FileRecords
+
+PublishGuard = Callable[[str], None]
+"""Called with a file's path right before the file becomes visible; raising abandons the file."""
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,14 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class FileInfo:
-    """A listed file: path relative to the root and size in bytes."""
+    """A listed file: path relative to the root, size in bytes, and when it last changed.
+
+    ``modified`` is seconds since the epoch (None when the store does not say).
+    """
 
     path: str
     size: int
+    modified: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,34 +97,31 @@ class TrackedWriter(Protocol):
 
 @runtime_checkable
 class StorageBackend(Protocol):
-    """What commitpoint needs from a store. See :class:`FsspecStorage` for the shared base."""
+    """What commitpoint needs from a store: byte I/O, the pointer pair, and two small holders.
 
+    See :class:`~commitpoint.storage.base.FsspecStorage` for the shared fsspec base, which
+    implements everything but the pointer pair.
+    """
+
+    # -- identity ---------------------------------------------------------------------------
     @property
     def url(self) -> str:
         """The root URL, safe to print (no credentials)."""
 
     @property
-    def fs(self) -> AbstractFileSystem:
-        """The fsspec filesystem the backend wraps."""
-
-    @property
-    def root(self) -> str:
-        """The root as a path of :attr:`fs` (protocol stripped)."""
-
-    @property
     def storage_options(self) -> dict[str, object]:
-        """The options the backend was opened with (may hold credentials: never log them)."""
+        """The options the backend was opened with (may hold credentials: never log them).
 
-    def full_path(self, relpath: str) -> str:
-        """``relpath`` as a path of :attr:`fs`."""
+        ``open_storage(url, **storage_options)`` opens the same root again (Ray workers do)."""
 
     def url_for(self, relpath: str) -> str:
         """``relpath`` as a URL, safe to print."""
 
+    # -- byte I/O ---------------------------------------------------------------------------
     def open_write(self, relpath: str, *, track: bool = True) -> TrackedWriter:
         """Open ``relpath`` for a streaming write that records size and checksum.
 
-        With ``track`` the record is kept until :meth:`take_records` collects it for the manifest;
+        With ``track`` the record is kept in :attr:`records` once the file is durable;
         commitpoint's own files (manifests, history) are written untracked.
         """
 
@@ -128,13 +135,14 @@ class StorageBackend(Protocol):
     def exists(self, relpath: str) -> bool: ...
 
     def list_files(self, prefix: str = "") -> list[FileInfo]:
-        """Every file below ``prefix`` (recursive), sorted by path."""
+        """Every file below ``prefix`` (recursive), sorted by path, with size and mtime."""
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Names of the folders directly below ``prefix``."""
 
     def delete(self, relpath: str, *, recursive: bool = False) -> None: ...
 
+    # -- the pointer pair -------------------------------------------------------------------
     def read_pointer(self, name: str) -> PointerState: ...
 
     def write_pointer_if(self, name: str, value: int, token: str | None) -> str:
@@ -144,5 +152,12 @@ class StorageBackend(Protocol):
         raises :class:`~commitpoint.errors.CommitConflict` if the pointer changed.
         """
 
-    def take_records(self, prefix: str) -> list[FileRecord]:
-        """Remove and return the records of files written below ``prefix`` by this process."""
+    # -- what the coordinator keeps with the backend ----------------------------------------
+    @property
+    def records(self) -> FileRecords:
+        """Records of tracked files written through this backend, until a save takes them."""
+
+    def set_publish_guard(self, guard: PublishGuard | None) -> None:
+        """Run ``guard(relpath)`` right before each written file becomes visible (None: none).
+
+        The coordinator uses it to stop a fenced writer from replacing files."""

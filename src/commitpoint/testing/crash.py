@@ -464,7 +464,6 @@ class Checker:
     def check(self, history: RootHistory) -> CheckResult:
         """Check the root once, updating ``history`` with what it saw."""
         result = CheckResult()
-        self.storage.fs.invalidate_cache()  # another process wrote since the last look
         for kind in Kind:
             try:
                 value = self.storage.read_pointer(kind.pointer).value
@@ -650,8 +649,10 @@ class _Estimate:
 
 def _remove_root(url: str, storage_options: Mapping[str, Any]) -> None:
     storage = open_storage(url, **dict(storage_options))
-    with contextlib.suppress(FileNotFoundError):
-        storage.fs.rm(storage.root, recursive=True)
+    for name in storage.list_dirs(""):
+        storage.delete(name, recursive=True)
+    for info in storage.list_files(""):
+        storage.delete(info.path)
 
 
 def _run_once(worker: _Worker, job: WorkerJob, delay: float) -> tuple[int, PhaseRecord]:

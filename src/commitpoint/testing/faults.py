@@ -22,7 +22,6 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -35,11 +34,10 @@ from commitpoint.storage.protocol import (
     StorageBackend,
     TrackedWriter,
 )
+from commitpoint.storage.wrapper import StorageWrapper
 
 if TYPE_CHECKING:
     from types import TracebackType
-
-    from fsspec import AbstractFileSystem
 
 OPERATIONS = frozenset(
     {"write", "read", "exists", "list", "delete", "read_pointer", "write_pointer"}
@@ -101,26 +99,24 @@ class InjectedFault(Exception):
     """The cause carried by every :class:`StorageError` this module raises on purpose."""
 
 
-class FaultyStorage:
-    """A :class:`~commitpoint.storage.protocol.StorageBackend` that injects faults into another.
+class FaultyStorage(StorageWrapper):
+    """A :class:`~commitpoint.storage.wrapper.StorageWrapper` that injects faults into another
+    backend; every operation it does not perturb is delegated unchanged.
 
     ``injected`` counts what was injected, by ``"<fault>:<operation>"``.
     """
 
+    option = "faults"
+
     def __init__(self, inner: StorageBackend, plan: FaultPlan | dict[str, Any]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.plan = FaultPlan.of(plan)
         self._random = random.Random(self.plan.seed)
         self._lock = threading.Lock()
         self.injected: Counter[str] = Counter()
 
-    def __repr__(self) -> str:
-        return f"FaultyStorage({self._inner!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        from commitpoint.storage.registry import open_storage
-
-        return (_reopen, (open_storage, self.url, self.storage_options))
+    def wrapper_option(self) -> object:
+        return self.plan.to_dict()
 
     # -- the dice ---------------------------------------------------------------------------
     def _roll(self, fault: str, operation: str) -> bool:
@@ -142,46 +138,9 @@ class FaultyStorage:
             )
 
     def _where(self, relpath: str) -> str:
-        return self._inner.url_for(relpath) if relpath else self._inner.url
+        return self.url_for(relpath) if relpath else self.url
 
-    # -- protocol: identity -----------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return self._inner.url
-
-    @property
-    def fs(self) -> AbstractFileSystem:
-        return self._inner.fs
-
-    @property
-    def root(self) -> str:
-        return self._inner.root
-
-    @property
-    def storage_options(self) -> dict[str, object]:
-        return {**self._inner.storage_options, "faults": self.plan.to_dict()}
-
-    @property
-    def publish_guard(self) -> Callable[[str], None] | None:
-        return getattr(self._inner, "publish_guard", None)
-
-    @publish_guard.setter
-    def publish_guard(self, guard: Callable[[str], None] | None) -> None:
-        if hasattr(self._inner, "publish_guard"):
-            self._inner.publish_guard = guard
-
-    @property
-    def inner(self) -> StorageBackend:
-        """The wrapped backend, for checks that must not see injected faults."""
-        return self._inner
-
-    def full_path(self, relpath: str) -> str:
-        return self._inner.full_path(relpath)
-
-    def url_for(self, relpath: str) -> str:
-        return self._inner.url_for(relpath)
-
-    # -- protocol: data ---------------------------------------------------------------------
+    # -- the perturbed operations -----------------------------------------------------------
     def open_write(self, relpath: str, *, track: bool = True) -> TrackedWriter:
         relpath = safe_relpath(relpath)
         self._before("write", relpath)
@@ -192,13 +151,6 @@ class FaultyStorage:
             truncate=self._roll("truncate", "write"),
             lose_tail=self._roll("lose_tail", "write"),
         )
-
-    def write_bytes(self, relpath: str, data: bytes, *, track: bool = True) -> FileRecord:
-        with self.open_write(relpath, track=track) as writer:
-            writer.write(data)
-        record = writer.record
-        assert record is not None
-        return record
 
     def open_read(self, relpath: str) -> BinaryIO:
         self._before("read", relpath)
@@ -249,9 +201,6 @@ class FaultyStorage:
                 InjectedFault("injected timeout after the pointer write landed"),
             )
         return new_token
-
-    def take_records(self, prefix: str) -> list[FileRecord]:
-        return self._inner.take_records(prefix)
 
 
 class _FaultyWriter:
@@ -343,10 +292,6 @@ class _FaultyWriter:
 def _flip_one_byte(data: bytearray, rng: random.Random) -> None:
     if data:
         data[rng.randrange(len(data))] ^= 0xFF
-
-
-def _reopen(opener: Any, url: str, options: dict[str, Any]) -> Any:
-    return opener(url, **options)
 
 
 def wrap_with_faults(storage: StorageBackend, plan: FaultPlan | dict[str, Any]) -> FaultyStorage:

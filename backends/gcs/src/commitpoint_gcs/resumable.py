@@ -1,10 +1,11 @@
 """Streaming uploads to GCS: the writer behind :meth:`GCSBackend.open_write`.
 
-A file smaller than one chunk is a single multipart upload. A larger one is a resumable upload:
-each full chunk of ``chunk_size`` bytes is sent on the filesystem's event loop while the caller
-fills the next one (chunks of one upload must go in order, so one is in flight at a time and an
-open file holds at most two chunks). gcsfs's request layer retries 408/429/5xx answers and dropped
-connections with backoff.
+An :class:`~commitpoint.storage.upload.session.UploadSession` whose pieces are resumable-upload
+chunks; this module supplies only GCS's requests. A file smaller than one chunk is a single
+multipart upload. A larger one is a resumable upload: each full chunk of ``chunk_size`` bytes is
+sent on the filesystem's event loop while the caller fills the next one (chunks of one upload must
+go in order, so one is in flight at a time and an open file holds at most two chunks). gcsfs's
+request layer retries 408/429/5xx answers and dropped connections with backoff.
 
 When the upload finishes, GCS answers with the object's metadata. The size it reports must equal
 the bytes sent, and when the writer's checksum is CRC32C (see :mod:`commitpoint.core.checksum`), the
@@ -14,19 +15,15 @@ the bytes sent, and when the writer's checksum is CRC32C (see :mod:`commitpoint.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import concurrent.futures
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import quote
 
-from fsspec.asyn import sync
-
 from commitpoint.errors import StorageError
-from commitpoint.storage.upload.pieces import BufferBody, Piece
+from commitpoint.storage.upload import BufferBody, UploadSession
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +37,6 @@ class ChecksumMismatch(StorageError):
     def __init__(self, path: str, detail: str) -> None:
         super().__init__("write", path, f"upload corrupted in transit: {detail}; object deleted")
         self.detail = detail
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (ChecksumMismatch, (self.path, self.detail))
 
 
 def crc32c_to_base64(value: int) -> str:
@@ -98,111 +92,40 @@ def multipart_body(
     return body, f'multipart/related; boundary="{_BOUNDARY}"'
 
 
-class ResumableUpload:
+class ResumableUpload(UploadSession):
     """A write-only file object that uploads ``gs://bucket/key`` chunk by chunk."""
 
     content_type = "application/octet-stream"
+    piece_name = "chunks"
+    sends_empty_last_piece = True  # the last chunk carries the total size, even when empty
 
-    def __init__(self, fs: Any, bucket: str, key: str, *, chunk_size: int, where: str) -> None:
-        self._fs = fs
-        self._bucket = bucket
-        self._key = key
-        self._chunk_size = chunk_size
-        self._where = where
-        self._piece = Piece()  # the chunk being filled
-        self._sending: bytearray | None = None  # the chunk in flight, reused once acknowledged
+    def __init__(
+        self, fs: Any, path: str, *, chunk_size: int, where: str, deadline: float | None = None
+    ) -> None:
+        # Chunks of one upload must go in order: one in flight while the next one fills.
+        super().__init__(
+            fs, path, piece_size=chunk_size, max_in_flight=1, where=where, deadline=deadline
+        )
         self._location: str | None = None
         self._offset = 0  # bytes GCS has acknowledged
-        self._size = 0  # bytes written so far
-        self._in_flight: concurrent.futures.Future[Any] | None = None
         self._expected_crc32c: int | None = None
         self.metadata: dict[str, Any] | None = None  # GCS's object resource, after close
-        self.closed = False
 
     def expect_crc32c(self, value: int) -> None:
         """Have ``close`` compare this CRC32C of all written bytes with the one GCS computed."""
         self._expected_crc32c = value
 
-    # -- the file interface FsspecWriter uses -----------------------------------------------
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        if self.closed:
-            raise ValueError("write to a closed upload")
-        view = memoryview(data).cast("B")
-        written = len(view)
-        self._size += written
-        while view:
-            view = self._piece.fill(view, self._chunk_size)
-            if self._piece.filled == self._chunk_size:
-                self._ship(final=False)
-        return written
-
-    def flush(self) -> None:
-        """Nothing to do: a chunk is sent as soon as it is full, and the rest at ``close``."""
-
     def close(self) -> None:
         """Send what is left, finish the upload and check what GCS stored; on failure, abort."""
         if self.closed:
             return
-        self.closed = True
-        try:
-            if self._location is None:
-                self.metadata = self._run(self._upload_whole, self._piece.data())
-            else:
-                self._ship(final=True)
-                self._wait()
-            assert self.metadata is not None
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            self._release_buffers()
-            self._fs.invalidate_cache(f"{self._bucket}/{self._key}")
+        super().close()
+        assert self.metadata is not None
         try:
             check_stored(self._where, self.metadata, self._size, self._expected_crc32c)
         except ChecksumMismatch:
             self._delete_generation(self.metadata.get("generation"))
             raise
-
-    def discard(self) -> None:
-        """Give up: wait for the chunk in flight, then cancel the resumable session."""
-        self.closed = True
-        self._abort()
-        self._release_buffers()
-
-    # -- caller-side helpers ----------------------------------------------------------------
-    def _ship(self, final: bool) -> None:
-        """Send the buffer as the next chunk once the previous one is acknowledged."""
-        if self._location is None:
-            self._location = self._run(self._initiate)
-        self._wait()
-        piece = self._piece
-        self._piece = Piece(self._sending)
-        self._sending = piece.buffer
-        self._in_flight = asyncio.run_coroutine_threadsafe(
-            self._send_chunk(piece.data(), final), self._fs.loop
-        )
-
-    def _wait(self) -> None:
-        future, self._in_flight = self._in_flight, None
-        if future is not None:
-            future.result()
-
-    def _release_buffers(self) -> None:
-        self._piece = Piece()
-        self._sending = None
-
-    def _abort(self) -> None:
-        future, self._in_flight = self._in_flight, None
-        if future is not None:
-            concurrent.futures.wait([future])
-        location, self._location = self._location, None
-        if location is None:
-            return
-        try:
-            # GCS answers a DELETE of a session URI with 499: the upload is cancelled.
-            self._run(self._fs._call, "DELETE", location.replace("&ifGenerationMatch=0", ""))
-        except Exception as exc:
-            logger.debug("cancelling the upload session of %s: %s", self._where, type(exc).__name__)
 
     def _delete_generation(self, generation: Any) -> None:
         if generation is None:
@@ -221,23 +144,20 @@ class ResumableUpload:
                 "could not delete the corrupted upload %s (%s)", self._where, type(exc).__name__
             )
 
-    def _run(self, factory: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        return sync(self._fs.loop, factory, *args, **kwargs)
-
     # -- requests (run on the filesystem's event loop) ---------------------------------------
-    async def _upload_whole(self, data: memoryview) -> dict[str, Any]:
-        body, content_type = multipart_body(self._key, self.content_type, data)
+    async def _send_whole(self, body: memoryview) -> None:
+        data, content_type = multipart_body(self._key, self.content_type, body)
         result = await self._fs._call(
             "POST",
             f"{self._fs._location}/upload/storage/v1/b/{quote(self._bucket)}/o",
             uploadType="multipart",
             headers={"Content-Type": content_type},
-            data=body,
+            data=data,
             json_out=True,
         )
-        return dict(result)
+        self.metadata = dict(result)
 
-    async def _initiate(self) -> str:
+    async def _start(self) -> None:
         headers, _ = await self._fs._call(
             "POST",
             f"{self._fs._location}/upload/storage/v1/b/{quote(self._bucket)}/o",
@@ -246,7 +166,24 @@ class ResumableUpload:
             headers={"X-Upload-Content-Type": self.content_type},
         )
         location = headers["Location"]
-        return str(location[0] if isinstance(location, list) else location)
+        self._location = str(location[0] if isinstance(location, list) else location)
+
+    def _send(self, number: int, body: memoryview, final: bool) -> Awaitable[None]:
+        return self._send_chunk(body, final)
+
+    async def _finish(self) -> None:
+        if self.metadata is None:
+            raise StorageError("write", self._where, "GCS did not confirm the finished upload")
+
+    async def _cancel(self) -> None:
+        location, self._location = self._location, None
+        if location is None:
+            return
+        try:
+            # GCS answers a DELETE of a session URI with 499: the upload is cancelled.
+            await self._fs._call("DELETE", location.replace("&ifGenerationMatch=0", ""))
+        except Exception as exc:
+            logger.debug("cancelling the upload session of %s: %s", self._where, type(exc).__name__)
 
     async def _send_chunk(self, view: memoryview, final: bool) -> None:
         """Send one chunk; resend whatever GCS did not keep; on the last, keep the metadata."""

@@ -11,134 +11,110 @@ through s3fs.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fsspec.asyn import sync
 
 from commitpoint.core.layout import safe_relpath
-from commitpoint.errors import CommitConflict, InvalidArgument, StorageError
+from commitpoint.core.retry import DeadlineExceeded, retry
+from commitpoint.errors import CommitConflict, StorageError, StoragePermissionError, map_errors
 from commitpoint.storage.base import FsspecStorage
 from commitpoint.storage.protocol import PointerState
-from commitpoint_s3.multipart import MAX_PART_SIZE, MIN_PART_SIZE, ParallelMultipartUpload
-from commitpoint_s3.retry import AUTH_CODES, call_with_retries, client_call, error_code
+from commitpoint.storage.upload import bucket_key
+from commitpoint_s3.multipart import ParallelMultipartUpload
+from commitpoint_s3.options import (
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_PART_SIZE,
+    S3Options,
+)
+from commitpoint_s3.retry import (
+    AUTH_CODES,
+    answered_transient,
+    call_with_retries,
+    client_call,
+    error_code,
+)
 
-DEFAULT_PART_SIZE = 8 * 1024 * 1024  # boto3's; parts double after every 1,000 (see multipart)
-DEFAULT_MAX_CONCURRENCY = 10
+T = TypeVar("T")
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _MISSING_BUCKET = {"NoSuchBucket": "the bucket does not exist"}
+__all__ = ["DEFAULT_MAX_CONCURRENCY", "DEFAULT_PART_SIZE", "S3Backend", "S3PermissionError"]
 
 
-class S3PermissionError(StorageError, PermissionError):
+class S3PermissionError(StoragePermissionError):
     """S3 refused the request: bad or expired credentials, or no permission (HTTP 401/403).
 
-    Also a :class:`PermissionError`, so ``except PermissionError`` catches it on any backend that
-    raises one; ``code`` is S3's error code (e.g. ``AccessDenied``), ``status`` the HTTP status.
+    ``code`` is S3's error code (e.g. ``AccessDenied``), ``status`` the HTTP status.
     """
-
-    def __init__(
-        self,
-        operation: str,
-        path: str,
-        cause: BaseException | str,
-        *,
-        code: str | None = None,
-        status: int | None = None,
-    ) -> None:
-        super().__init__(operation, path, cause)
-        self.code = code
-        self.status = status
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        state = {"code": self.code, "status": self.status}
-        return (_rebuild_permission_error, (self.operation, self.path, str(self.cause)), state)
-
-
-def _rebuild_permission_error(operation: str, path: str, cause: str) -> S3PermissionError:
-    return S3PermissionError(operation, path, cause)
-
-
-def _positive_int(name: str, value: int | str, low: int = 1, high: int | None = None) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"S3 option {name} must be an integer, got {value!r}") from None
-    if number < low or (high is not None and number > high):
-        bounds = f">= {low}" if high is None else f"between {low} and {high}"
-        raise InvalidArgument(f"S3 option {name} must be {bounds}, got {number}")
-    return number
 
 
 class S3Backend(FsspecStorage):
     """Checkpoints under ``s3://bucket/prefix``.
 
-    Options consumed here: ``part_size`` (bytes of the first multipart parts, 5 MiB to 5 GiB,
-    default 8 MiB; parts double in size after every 1,000), ``max_concurrency`` (parts uploaded
-    at once per open file, default 10; an open file buffers at most ``part_size *
-    (max_concurrency + 1)`` bytes while its parts are of the first size), ``retries`` (attempts
-    for every request commitpoint makes, and for s3fs's own reads and listings, default 5).
-    Everything else goes to :class:`s3fs.S3FileSystem` (``endpoint_url``, ``key``, ``secret``,
+    Options consumed here (validated; see :class:`~commitpoint_s3.options.S3Options`):
+    ``part_size`` (bytes of the first multipart parts, 5 MiB to 5 GiB, default 8 MiB; parts
+    double in size after every 1,000), ``max_concurrency`` (parts uploaded at once per open file,
+    default 10; an open file buffers at most ``part_size * (max_concurrency + 1)`` bytes while
+    its parts are of the first size), ``retries`` (tries of every call, default 5),
+    ``connect_timeout`` (default 5 s), ``read_timeout`` (default 60 s) and ``deadline`` (one
+    whole operation with its retries, default 120 s, plus 1 s per MiB of body). Every other
+    option must be an :class:`s3fs.S3FileSystem` keyword (``endpoint_url``, ``key``, ``secret``,
     ``token``, ``profile``, ``client_kwargs``, ``config_kwargs``, ...); the usual AWS environment
-    variables work as with s3fs.
+    variables work as with s3fs. An unknown option raises ``InvalidArgument``.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        part_size: int | str = DEFAULT_PART_SIZE,
-        max_concurrency: int | str = DEFAULT_MAX_CONCURRENCY,
-        retries: int | str = 5,
-        **storage_options: Any,
-    ) -> None:
+    def __init__(self, url: str, **storage_options: Any) -> None:
         import s3fs
 
-        self._part_size = _positive_int("part_size", part_size, MIN_PART_SIZE, MAX_PART_SIZE)
-        self._max_concurrency = _positive_int("max_concurrency", max_concurrency)
-        self._retries = _positive_int("retries", retries)
-        fs_options = dict(storage_options)
-        config = dict(fs_options.get("config_kwargs") or {})
-        # Enough pooled connections for every part in flight plus pointer and listing calls.
-        config.setdefault("max_pool_connections", max(10, self._max_concurrency + 2))
-        # botocore's own default; s3fs's 15 s can expire while S3 assembles a multi-GiB object.
-        config.setdefault("read_timeout", 60)
-        fs_options["config_kwargs"] = config
+        self._options, fs_options = S3Options.parse(storage_options)
+        self._policy = self._options.retry_policy
+        fs_options["config_kwargs"] = self._options.botocore_config(
+            fs_options.get("config_kwargs")
+        )
         # Listings are always fresh: uploads bypass s3fs, and other processes write the same root.
         fs_options.setdefault("use_listings_cache", False)
         # A private filesystem: s3fs caches instances by their options, and this backend sets
         # the instance's retry count, which must not leak into other backends or users.
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **fs_options)
-        fs.retries = self._retries
+        # s3fs retries its own calls' dropped connections and timeouts (botocore does not).
+        fs.retries = self._options.retries
         path = url.split("://", 1)[1] if "://" in url else url
-        super().__init__(
-            "s3://" + path.strip("/"),
-            fs,
-            path.strip("/"),
-            part_size=self._part_size,
-            max_concurrency=self._max_concurrency,
-            retries=self._retries,
-            **storage_options,
-        )
+        super().__init__("s3://" + path.strip("/"), fs, path.strip("/"), **storage_options)
 
     def __repr__(self) -> str:
         return f"S3Backend({self.url!r})"
 
     # -- raw client calls -------------------------------------------------------------------
     def _bucket_key(self, name: str) -> tuple[str, str]:
-        bucket, _, key = self.full_path(safe_relpath(name)).partition("/")
-        return bucket, key
+        return bucket_key(self.full_path(safe_relpath(name)))
 
     def _raw(self, method: str, **kwargs: Any) -> Any:
-        """Call the S3 client directly (keeping its error codes), retrying transient failures."""
+        """Call the S3 client directly (keeping its error codes), retrying transient failures
+        within the deadline."""
         fs: Any = self.fs
-        where = f"s3://{kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}"
+        what = f"{method} s3://{kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}"
 
         async def call() -> Any:
             client = await fs.set_session()
-            return await call_with_retries(
-                method, self._retries, client_call(client, method, **kwargs), where=where
-            )
+            request = client_call(client, method, **kwargs)
+            return await call_with_retries(what, self._policy, request)
 
         return sync(fs.loop, call)
+
+    def _fs_call(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """An s3fs call within the deadline; S3 answers s3fs does not retry (5xx) retried here."""
+        deadline = self._options.timeouts.deadline
+        started = time.monotonic()
+
+        def attempt() -> T:
+            left = deadline - (time.monotonic() - started)
+            if left <= 0:
+                raise DeadlineExceeded(getattr(call, "__name__", "call"), deadline, 0)
+            return call(*args, timeout=left, **kwargs)
+
+        return retry(attempt, self._policy, retry_on=answered_transient, what="S3 call")
 
     def _translate_error(self, operation: str, relpath: str, exc: BaseException) -> Exception:
         """Map S3's answer to a typed error naming the object; 401/403 become S3PermissionError."""
@@ -161,6 +137,12 @@ class S3Backend(FsspecStorage):
             return StorageError(operation, where, "the bucket does not exist (NoSuchBucket)")
         return super()._translate_error(operation, relpath, exc)
 
+    def _pointer_errors(self, name: str, exc: BaseException) -> BaseException:
+        code, status = error_code(exc)
+        if code in _CONFLICT_CODES or status in (409, 412):
+            return CommitConflict(self.url_for(name), code or str(status))
+        return self._translate_error("commit pointer", name, exc)
+
     # -- pointers ---------------------------------------------------------------------------
     def read_pointer(self, name: str) -> PointerState:
         bucket, key = self._bucket_key(name)
@@ -172,7 +154,7 @@ class S3Backend(FsspecStorage):
                 async with body as stream:
                     return bytes(await stream.read())
 
-            data = sync(self.fs.loop, read_all)
+            data = sync(self.fs.loop, read_all, timeout=self._options.timeouts.deadline)
         except Exception as exc:
             if error_code(exc)[0] in {"NoSuchKey", "404"}:
                 return PointerState(None, None)
@@ -182,7 +164,7 @@ class S3Backend(FsspecStorage):
     def write_pointer_if(self, name: str, value: int, token: str | None) -> str:
         bucket, key = self._bucket_key(name)
         condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
-        try:
+        with map_errors(lambda exc: self._pointer_errors(name, exc)):
             response = self._raw(
                 "put_object",
                 Bucket=bucket,
@@ -191,24 +173,17 @@ class S3Backend(FsspecStorage):
                 ContentType="text/plain",
                 **condition,
             )
-        except Exception as exc:
-            code, status = error_code(exc)
-            if code in _CONFLICT_CODES or status in (409, 412):
-                raise CommitConflict(self.url_for(name), code or str(status)) from exc
-            raise self._translate_error("commit pointer", name, exc) from exc
         self.fs.invalidate_cache(self.full_path(name))
         return str(response["ETag"])
 
     # -- streaming writes -------------------------------------------------------------------
     def _open_raw_write(self, full: str) -> Any:
-        bucket, _, key = full.partition("/")
         return ParallelMultipartUpload(
             self.fs,
-            bucket,
-            key,
-            part_size=self._part_size,
-            max_concurrency=self._max_concurrency,
-            attempts=self._retries,
+            full,
+            part_size=self._options.part_size,
+            max_concurrency=self._options.max_concurrency,
+            policy=self._policy,
             where=f"s3://{full}",
         )
 

@@ -1,20 +1,19 @@
-"""S3 error classification and the retry loop every direct client call goes through.
+"""S3 error classification: which failures are worth another try.
 
-Calls made straight to the aiobotocore client (pointers, multipart parts) keep S3's own error codes,
-so they are classified here: throttling, 5xx, dropped connections and timeouts are transient and
-retried with exponential backoff and full jitter; everything else is raised at once. Credentials
-never reach a log line or a message: only the S3 error code and the exception's type are logged.
+Calls made straight to the aiobotocore client (pointers, multipart parts) keep S3's own error
+codes, so they are classified here: throttling, 5xx, dropped connections and timeouts are
+transient and retried by :func:`commitpoint.core.retry.aretry` (``retries`` tries with backoff,
+within the deadline); everything else is raised at once. botocore's own retries are off (one
+attempt per call), so one logical call makes at most ``retries`` HTTP attempts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-logger = logging.getLogger(__name__)
+from commitpoint.core.retry import RetryPolicy, aretry
 
 T = TypeVar("T")
 
@@ -83,34 +82,30 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError | TimeoutError | asyncio.TimeoutError)
 
 
-def backoff_delay(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
-    """Exponential backoff with jitter: about ``base * 2**attempt``, at most ``cap`` seconds."""
-    return min(cap, base * 2.0**attempt) * (0.5 + random.random())
+def answered_transient(exc: BaseException) -> bool:
+    """Whether S3 answered ``exc`` (or the error it wraps) with a retryable code or a 5xx.
+
+    s3fs retries dropped connections, timeouts and ``SlowDown`` itself but raises other 5xx
+    answers at once: commitpoint retries those (and only those) around s3fs's calls, so each
+    kind of failure has one retry layer.
+    """
+    for candidate in (exc, exc.__cause__):
+        if candidate is None:
+            continue
+        code, status = error_code(candidate)
+        if code == "SlowDown":
+            return False
+        if code in TRANSIENT_CODES or (status is not None and status >= 500):
+            return True
+    return False
 
 
 async def call_with_retries(
-    operation: str, attempts: int, call: Callable[[], Awaitable[T]], *, where: str = ""
+    what: str, policy: RetryPolicy, call: Callable[[], Awaitable[T]]
 ) -> T:
-    """Await ``call()`` up to ``attempts`` times, sleeping between transient failures."""
-    for attempt in range(attempts):
-        try:
-            return await call()
-        except Exception as exc:
-            if not is_transient(exc) or attempt == attempts - 1:
-                raise
-            delay = backoff_delay(attempt)
-            code, _ = error_code(exc)
-            logger.warning(
-                "S3 %s %s failed (%s); retrying in %.2f s (attempt %d of %d)",
-                operation,
-                where,
-                code or type(exc).__name__,
-                delay,
-                attempt + 2,
-                attempts,
-            )
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+    """Await ``call()`` under ``policy``, retrying what :func:`is_transient` accepts; a try still
+    running at the policy's deadline is cancelled (:class:`DeadlineExceeded`)."""
+    return await aretry(call, policy, retry_on=is_transient, what=f"S3 {what}")
 
 
 def client_call(client: Any, method: str, **kwargs: Any) -> Callable[[], Awaitable[Any]]:
