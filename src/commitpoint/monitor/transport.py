@@ -2,17 +2,20 @@
 
 :class:`MonitorClient` has one method per monitor call a coordinator makes. Each forwards to the
 monitor's method of the same name: directly for an in-process monitor, through ``.remote`` +
-``ray.get`` for an actor handle; the async forms are derived from the same call, once.
+``ray.get`` for an actor handle; the async forms are derived from the same call, once. A
+commitpoint error raised in the actor reaches the caller as itself (same type, same fields), not
+wrapped in Ray's ``RayTaskError``.
 :func:`get_or_create_actor` is the Ray actor factory behind ``CheckpointMonitor.get_actor``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from commitpoint.errors import InvalidArgument
+from commitpoint.errors import CommitpointError, InvalidArgument
 from commitpoint.storage.protocol import FileRecord
 
 if TYPE_CHECKING:
@@ -133,10 +136,26 @@ class MonitorClient:
             return target(*args, **kwargs)
         import ray
 
-        return ray.get(target.remote(*args, **kwargs))
+        with _unwrapped():
+            return ray.get(target.remote(*args, **kwargs))
 
     async def _acall(self, method: str, *args: Any, **kwargs: Any) -> Any:
         target = self._target(method)
         if self._local is not None:
             return await asyncio.to_thread(target, *args, **kwargs)
-        return await target.remote(*args, **kwargs)
+        with _unwrapped():
+            return await target.remote(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _unwrapped() -> Iterator[None]:
+    """Re-raise the commitpoint error a Ray task raised as itself (Ray's error is chained)."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        yield
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, CommitpointError):
+            raise cause from exc
+        raise

@@ -211,7 +211,9 @@ class FsspecStorage:
             return exc
         where = self.url_for(relpath) if relpath else self._url
         if isinstance(exc, TimeoutError):
-            return StorageError(operation, where, f"no answer in time ({_describe(exc)})")
+            # fsspec's sync() re-raises any timeout as a bare FSTimeoutError: name the inner one
+            inner = exc.__cause__ if isinstance(exc.__cause__, TimeoutError) else exc
+            return StorageError(operation, where, f"no answer in time ({_describe(inner)})")
         return StorageError(operation, where, _describe(exc))
 
     def _errors(self, operation: str, relpath: str = "") -> contextlib.AbstractContextManager[None]:

@@ -32,6 +32,11 @@ class MemoryBackend(FsspecStorage):
     def _open_raw_write(self, full: str) -> Any:
         return self.fs.open(full, "wb")
 
+    def _abort_raw_write(self, raw: Any, relpath: str) -> None:
+        # fsspec's memory files are visible from the moment they open: remove the partial file
+        raw.close()
+        self.fs.rm_file(self.full_path(relpath))
+
     def _state(self, name: str) -> tuple[bytes | None, str | None]:
         path = self.full_path(name)
         try:
