@@ -159,7 +159,10 @@ def test_saves_into_a_committed_step_are_refused_without_writing(
     coordinator.register_and_monitor_sync(5, True, state_dict_thread_count=1)
     assert root.committed_steps()["state_dict"] == 5
     with pytest.raises(SaveFailed) as info:
-        coordinator.save_sync(lambda: storage.write_bytes("global_step_5/model.pt", b"v2"), 5, True)
+        coordinator.save_sync(lambda: storage.write_bytes("global_step_4/model.pt", b"v2"), 4, True)
     assert "refusing to move pointer" in str(info.value.cause)
+    assert not storage.exists("global_step_4/model.pt")
+    # the same save of step 5 again is a committed re-save: not run, nothing rewritten
+    coordinator.save_sync(lambda: storage.write_bytes("global_step_5/model.pt", b"v2"), 5, True)
     assert storage.read_bytes("global_step_5/model.pt") == b"v1"
     assert root.verify(5).ok

@@ -8,8 +8,10 @@ Every error commitpoint raises on purpose derives from :class:`CommitpointError`
     │   └── InvalidStep
     ├── BackendNotFound (LookupError)       no backend for a URL scheme
     ├── NotFound (LookupError)              a step or file that does not exist
+    │   └── MonitorNotFound                 no monitor actor runs under that name
     ├── Refused                             refused to keep an invariant; nothing was written
     │   ├── CommitConflict                  a pointer changed since it was read
+    │   │   └── ForeignPointer              another writer moved a pointer past this step
     │   ├── StepRegression                  a pointer would move back
     │   ├── WriterFenced                    a newer monitor owns the root
     │   └── MonitorRestarted                the monitor lost the step's bookkeeping
@@ -135,6 +137,18 @@ class NotFound(CommitpointError, LookupError):
     """A step, file or pointer that was asked for does not exist (nothing is corrupt)."""
 
 
+class MonitorNotFound(NotFound):
+    """No monitor actor of that name runs in the namespace (a look-up without creation args)."""
+
+    def __init__(self, name: str, namespace: str | None) -> None:
+        self.name = name
+        self.namespace = namespace
+        super().__init__(
+            f"no monitor actor {name!r} runs in Ray namespace {namespace!r}; create it first with "
+            "CheckpointMonitor.get_actor(namespace, storage_url) or default_local_dir=..."
+        )
+
+
 class Refused(CommitpointError):
     """commitpoint refused an operation to keep one of its invariants; nothing was written."""
 
@@ -148,6 +162,21 @@ class CommitConflict(Refused):
         if detail:
             message += f" ({detail})"
         super().__init__(message)
+
+
+class ForeignPointer(CommitConflict):
+    """A pointer names a later step that this monitor never committed: another writer (verl's
+    own tracker write, a second job) moved it. The commit fails instead of being skipped."""
+
+    def __init__(self, path: str, step: int, current: int, known: int | None) -> None:
+        self.step = step
+        self.current = current
+        self.known = known
+        super().__init__(
+            path,
+            f"it names step {current}, which this monitor never committed (it last committed "
+            f"{known}); step {step} is not committed over another writer's pointer",
+        )
 
 
 class StepRegression(Refused):
@@ -251,7 +280,69 @@ class SaveFailed(CommitpointError):
         self.name = name
         self.cause = cause
         self.failures: list[SaveFailed] = [self]
-        super().__init__(f"save {name!r} of step {step} failed: {type(cause).__name__}: {cause}")
+        super().__init__(_failure_message(step, name, cause))
+
+    @classmethod
+    def like_cause(cls, step: int, name: str, cause: BaseException) -> SaveFailed:
+        """A SaveFailed that is also an instance of ``type(cause)``.
+
+        ``except SaveFailed`` and ``except <the save function's own exception type>`` both catch
+        it; ``step``, ``name`` and ``cause`` are attached, and the cause's own attributes are
+        copied (``errno`` of an OSError, the fields of a custom error). A plain SaveFailed when
+        the two classes cannot be combined (incompatible C layouts).
+        """
+        combined = _combined_failure_class(type(cause))
+        if combined is None:
+            return cls(step, name, cause)
+        # Neither class's __init__ runs: the cause's would take the message for its own fields.
+        error: SaveFailed = combined.__new__(combined)
+        for attr, value in vars(cause).items():
+            setattr(error, attr, value)
+        if isinstance(cause, OSError):
+            for attr in ("errno", "strerror", "filename", "filename2"):
+                setattr(error, attr, getattr(cause, attr))
+        error.step, error.name, error.cause = step, name, cause
+        error.failures = [error]
+        error.args = (redact(_failure_message(step, name, cause)),)
+        error.__cause__ = cause
+        return error
+
+
+def _failure_message(step: int, name: str, cause: BaseException) -> str:
+    return f"save {name!r} of step {step} failed: {type(cause).__name__}: {cause}"
+
+
+_COMBINED: dict[type[BaseException], type[SaveFailed] | None] = {}
+_COMBINED_LOCK = threading.Lock()
+
+
+def _combined_failure_class(cause_type: type[BaseException]) -> type[SaveFailed] | None:
+    if issubclass(cause_type, SaveFailed):
+        return None
+    with _COMBINED_LOCK:
+        if cause_type not in _COMBINED:
+            try:
+                _COMBINED[cause_type] = type(
+                    f"SaveFailed[{cause_type.__name__}]",
+                    (SaveFailed, cause_type),
+                    {
+                        "__module__": __name__,
+                        "__str__": lambda self: BaseException.__str__(self),
+                        "__reduce__": _reduce_combined,
+                    },
+                )
+            except TypeError:  # layout conflict, or a class that cannot be subclassed
+                _COMBINED[cause_type] = None
+        return _COMBINED[cause_type]
+
+
+def _reduce_combined(self: SaveFailed) -> tuple[Any, ...]:
+    # The combined class is made at run time: rebuild it from the cause on the other side.
+    return (_rebuild_combined, (self.step, self.name, _portable(self.cause)))
+
+
+def _rebuild_combined(step: int, name: str, cause: BaseException) -> SaveFailed:
+    return SaveFailed.like_cause(step, name, cause)
 
 
 class StagingError(CommitpointError):

@@ -6,6 +6,8 @@ who asked for the step to be committed, the file records the saves reported, and
 is running or done. The monitor drives it in this order:
 
 0. ``register(step, counts)`` and ``notify_finished`` / ``notify_failed`` may arrive in any order;
+   ``admit(step, kind)`` (a save about to run, from ``notify_started``) waits for a commit of the
+   step in progress, then counts the save as expected until it finishes, registered or not;
 1. ``monitor(step, kind, participants)`` asks for the kind to be committed once complete;
 2. after each of these calls, ``take_ready(step)`` returns the kinds that just became ready and
    marks them *committing* (a checkpoint commit moves both pointers, so it takes the state dict
@@ -15,8 +17,8 @@ is running or done. The monitor drives it in this order:
    dropped (``prune``).
 
 Readiness (per step N):
-- the state dict of N is ready when it is monitored, every state-dict save of N finished and
-  none failed;
+- the state dict of N is ready when it is monitored, every state-dict save of N (registered or
+  admitted) finished and none failed;
 - the checkpoint of N is ready when it is monitored and every save of both kinds finished with
   none failed;
 - a failed state-dict save blocks both kinds of N; a failed checkpoint save blocks the checkpoint.
@@ -30,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from commitpoint.core.layout import Kind
+from commitpoint.errors import SlotTimeout
 from commitpoint.storage.protocol import FileRecord
 
 logger = logging.getLogger(__name__)
@@ -50,9 +53,14 @@ class StepState:
     records: dict[str, FileRecord] = field(default_factory=dict)
     committing: set[Kind] = field(default_factory=set)
     committed: set[Kind] = field(default_factory=set)
+    admitted: dict[Kind, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
+    """Saves admitted to run: each counts as expected even before its registration arrives, so
+    the step never commits while one of them may still be writing."""
+    saves: set[tuple[str, Kind]] = field(default_factory=set)
+    """(name, kind) of the saves that finished."""
 
     def balanced(self, kind: Kind) -> bool:
-        return self.finished[kind] == self.expected[kind]
+        return self.finished[kind] == max(self.expected[kind], self.admitted[kind])
 
     def monitored(self, kind: Kind) -> bool:
         return self.monitor_calls[kind] >= self.participants[kind]
@@ -95,9 +103,10 @@ class StepLedger:
     """Per-step accounting of saves; decides readiness, never touches storage."""
 
     def __init__(self, max_steps: int = MAX_TRACKED_STEPS) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._steps: dict[int, StepState] = {}
         self._max_steps = max_steps
+        self._committed_saves: dict[int, set[tuple[str, Kind]]] = {}
 
     # -- events -------------------------------------------------------------------------------
     def register(self, step: int, counts: dict[Kind, int]) -> list[Kind]:
@@ -116,11 +125,55 @@ class StepLedger:
             state.participants[kind] = max(state.participants[kind], participants)
             return self._take_ready(step)
 
-    def finished(self, step: int, kind: Kind, records: Iterable[FileRecord]) -> list[Kind]:
+    def admit(self, step: int, kind: Kind, timeout: float | None = None) -> None:
+        """A save of ``kind`` is about to run: wait for a commit of ``step`` in progress to end,
+        then count the save as expected (no commit of the step starts until it finished)."""
+        with self._lock:
+            state = self._state(step)
+            if not self._lock.wait_for(lambda: not state.committing, timeout):
+                raise SlotTimeout(f"step {step} still committing", timeout)
+            state.admitted[kind] += 1
+
+    def unadmit(self, step: int, kind: Kind) -> None:
+        """An admitted save will not run after all (its admission failed)."""
+        with self._lock:
+            state = self._steps.get(step)
+            if state is not None and state.admitted[kind] > 0:
+                state.admitted[kind] -= 1
+
+    def skipped(self, step: int, kind: Kind, name: str) -> list[Kind]:
+        """An admitted save is a committed re-save: it counts as finished without running."""
+        with self._lock:
+            state = self._state(step)
+            state.finished[kind] += 1
+            state.saves.add((name, kind))
+            return self._take_ready(step)
+
+    def committed_saves(self, step: int) -> set[tuple[str, Kind]]:
+        """The saves a commit of ``step`` held, as far as this ledger saw it commit."""
+        with self._lock:
+            return set(self._committed_saves.get(step, ()))
+
+    def forget_commit(self, steps: Iterable[int], kinds: Iterable[Kind] = tuple(Kind)) -> None:
+        """Pointers no longer name these steps for ``kinds``: they may commit again."""
+        doomed = set(kinds)
+        if Kind.CHECKPOINT in doomed:
+            doomed.add(Kind.STATE_DICT)
+        with self._lock:
+            for step in steps:
+                self._committed_saves.pop(step, None)
+                state = self._steps.get(step)
+                if state is not None:
+                    state.committed.difference_update(doomed)
+
+    def finished(
+        self, step: int, kind: Kind, records: Iterable[FileRecord], name: str = ""
+    ) -> list[Kind]:
         """A save of ``kind`` finished with these file records."""
         with self._lock:
             state = self._state(step)
             state.finished[kind] += 1
+            state.saves.add((name, kind))
             for record in records:
                 state.records[record.path] = record
             return self._take_ready(step)
@@ -152,6 +205,9 @@ class StepLedger:
                 state.committed.add(kind)
                 if kind is Kind.CHECKPOINT:
                     state.committed.add(Kind.STATE_DICT)
+                self._committed_saves.setdefault(step, set()).update(state.saves)
+                while len(self._committed_saves) > self._max_steps:
+                    del self._committed_saves[min(self._committed_saves)]
 
     def commit_finished(self, step: int, kind: Kind) -> None:
         """The commit of ``kind`` ended (either way): it no longer runs."""
@@ -162,6 +218,7 @@ class StepLedger:
                 if kind is Kind.CHECKPOINT:
                     state.committing.discard(Kind.STATE_DICT)
                 self._prune(step)
+            self._lock.notify_all()  # saves waiting in admit()
 
     # -- queries ------------------------------------------------------------------------------
     def pending_steps(self) -> list[int]:

@@ -6,6 +6,8 @@ by one part: the step ledger (:mod:`commitpoint.monitor.ledger`) does the accoun
 pipeline (:mod:`commitpoint.monitor.commit`) writes manifests and moves pointers, the slot
 scheduler (:mod:`commitpoint.monitor.slots`) applies the save strategy, and retention runs in
 the background after commits (:class:`commitpoint.maintenance.retention.BackgroundRetention`).
+A save that would write into a committed step is answered before it runs
+(:mod:`commitpoint.monitor.reopen`: re-save, reopen, resume).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from commitpoint.core.layout import Kind, check_step
 from commitpoint.core.lease import WriterLease
 from commitpoint.errors import InvalidArgument, MonitorRestarted
 from commitpoint.maintenance.retention import BackgroundRetention
+from commitpoint.monitor import reopen as reopening
 from commitpoint.monitor.commit import CommitListener, CommitPipeline
 from commitpoint.monitor.ledger import StepLedger
 from commitpoint.monitor.slots import SaveStrategy, SlotScheduler
@@ -34,20 +37,26 @@ class CheckpointMonitor:
         self,
         storage_url: str,
         storage_options: Mapping[str, Any] | None = None,
-        save_strategy: SaveStrategy | str = SaveStrategy.UNRESTRICTED,
+        save_strategy: object = SaveStrategy.UNRESTRICTED,
         retention: Any | None = None,
+        replicate_to: str | None = None,
     ) -> None:
         """``retention`` (a :class:`commitpoint.RetentionPolicy`) is applied in the background
-        after each commit; it never deletes a step a pointer names or one in flight."""
+        after each commit; it never deletes a step a pointer names or one in flight.
+        ``save_strategy``: any enum or string naming a :class:`SaveStrategy` (any case).
+        ``replicate_to``: the replica tier's root (Trinity-RFT's ``default_hdfs_dir``)."""
         self._storage_url = storage_url
         self._storage_options = dict(storage_options or {})
-        try:
-            strategy = SaveStrategy(save_strategy)
-        except ValueError:
-            raise InvalidArgument(
-                f"save_strategy must be one of {[s.value for s in SaveStrategy]}, "
-                f"got {save_strategy!r}"
-            ) from None
+        strategy = SaveStrategy.parse(save_strategy)
+        if replicate_to is not None and not isinstance(replicate_to, str):
+            raise InvalidArgument(f"replicate_to must be a URL or path, got {replicate_to!r}")
+        self._replicate_to = replicate_to
+        if replicate_to is not None:
+            logger.warning(
+                "replicate_to=%r is recorded, but this monitor does not replicate yet: only the "
+                "local root is committed",
+                replicate_to,
+            )
         self._storage = open_storage(storage_url, **self._storage_options)
         self._lease = WriterLease(self._storage, seal=[kind.pointer for kind in Kind])
         self._ledger = StepLedger()
@@ -74,32 +83,48 @@ class CheckpointMonitor:
     @classmethod
     def get_actor(
         cls,
-        namespace: str,
-        storage_url: str,
+        namespace: str | None = None,
+        storage_url: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
-        save_strategy: SaveStrategy | str = SaveStrategy.UNRESTRICTED,
+        save_strategy: object = None,
         name: str = "checkpoint_monitor",
         retention: Any | None = None,
+        *,
+        default_local_dir: str | None = None,
+        default_hdfs_dir: str | None = None,
+        replicate_to: str | None = None,
+        resume_from_checkpoint: bool | None = None,
         **actor_options: Any,
     ) -> Any:
         """The job's named monitor actor: created on first call, shared by every later call.
 
         The actor restarts on failure (recovering the latest steps from storage) and serves
         calls concurrently, so a save waiting in ``notify_started`` never blocks the others.
-        """
-        from commitpoint.monitor.transport import get_or_create_actor
 
-        return get_or_create_actor(
+        Trinity-RFT's keywords work too: ``default_local_dir`` is the root (``storage_url``),
+        ``default_hdfs_dir`` the replica (``replicate_to``). Without a root the call looks up
+        the running actor (:class:`~commitpoint.errors.MonitorNotFound` if there is none). A
+        trainer that passes ``default_local_dir`` starts a run that resumes from the checkpoint
+        pointer, so :meth:`resume_from_checkpoint` runs before this returns
+        (``resume_from_checkpoint=False`` turns that off; ``True`` turns it on for any caller).
+        """
+        from commitpoint.monitor.transport import ActorRequest, get_actor
+
+        return get_actor(
             cls,
-            namespace=namespace,
-            name=name,
-            init_args=(
-                storage_url,
-                dict(storage_options or {}),
-                SaveStrategy(save_strategy),
-                retention,
+            ActorRequest(
+                namespace=namespace,
+                name=name,
+                storage_url=storage_url,
+                default_local_dir=default_local_dir,
+                storage_options=storage_options,
+                save_strategy=save_strategy,
+                retention=retention,
+                replicate_to=replicate_to,
+                default_hdfs_dir=default_hdfs_dir,
+                resume_from_checkpoint=resume_from_checkpoint,
+                actor_options=actor_options,
             ),
-            actor_options=actor_options,
         )
 
     # -- queries ------------------------------------------------------------------------------
@@ -123,6 +148,13 @@ class CheckpointMonitor:
 
     def writer_epoch(self) -> int:
         return self._lease.epoch
+
+    def save_strategy(self) -> str:
+        return self._slots.strategy.value
+
+    def replication_target(self) -> str | None:
+        """The replica root this monitor was given (``replicate_to`` / ``default_hdfs_dir``)."""
+        return self._replicate_to
 
     def pending_steps(self) -> list[int]:
         return self._ledger.pending_steps()
@@ -164,16 +196,97 @@ class CheckpointMonitor:
 
     # -- save lifecycle -----------------------------------------------------------------------
     def notify_started(
-        self, node_id: str, job_id: str, timeout: float | None = None
-    ) -> dict[str, int | None]:
+        self,
+        node_id: str,
+        job_id: str,
+        timeout: float | None = None,
+        *,
+        step: int | None = None,
+        is_state_dict: bool = False,
+        name: str = "",
+        must_run: bool = False,
+    ) -> dict[str, Any]:
         """Block until the save strategy lets a save of this node/process start.
 
-        Returns :meth:`latest_steps` plus ``writer_epoch``, so the caller can refuse a committed
-        step, or notice that this monitor was fenced, without a second round trip. Raises
+        Returns :meth:`latest_steps` plus ``writer_epoch``, so the caller can notice that this
+        monitor was fenced without a second round trip. Raises
         :class:`~commitpoint.errors.SlotTimeout` if no slot is free within ``timeout``.
+
+        With ``step`` (the coordinator always passes it) the save is admitted to its step
+        (:mod:`commitpoint.monitor.reopen`) and the reply says what to do: ``action`` ``"run"``,
+        ``"skip"`` (a committed re-save: do not run the save function, report nothing more) or
+        ``"refuse"`` (the step is below a pointer: fail without writing; ``pointer`` and
+        ``current`` say which), with a ``reason``. ``must_run``: the save function cannot be
+        skipped (it may hold collectives other ranks wait in).
         """
         self._slots.acquire(node_id, job_id, timeout)
-        return {**self.latest_steps(), "writer_epoch": self._lease.epoch}
+        if step is None:
+            return {**self.latest_steps(), "writer_epoch": self._lease.epoch}
+        try:
+            decision = self._admit(
+                check_step(step), Kind.of(is_state_dict), name, must_run, timeout
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+        if decision.action is reopening.Action.SKIP:
+            self._slots.release()
+        reply: dict[str, Any] = {
+            **self.latest_steps(),
+            "writer_epoch": self._lease.epoch,
+            "action": decision.action.value,
+            "reason": decision.reason,
+        }
+        if decision.refused_by is not None:
+            reply["pointer"] = self._storage.url_for(decision.refused_by.pointer)
+            reply["current"] = self._pipeline.latest()[decision.refused_by]
+        return reply
+
+    def _admit(
+        self, step: int, kind: Kind, name: str, must_run: bool, timeout: float | None
+    ) -> reopening.Decision:
+        """Decide what a save of ``step`` does; move pointers back first when it must rewrite a
+        step one of them names, or re-train steps above the checkpoint a run resumed from."""
+        self._ledger.admit(step, kind, timeout)  # no commit of the step starts from here on
+        try:
+            decision = reopening.decide(
+                step,
+                kind,
+                name,
+                self._pipeline.latest(),
+                self._ledger.committed_saves(step),
+                must_run,
+            )
+            if decision.action is reopening.Action.RUN:
+                if decision.resume_to is not None:
+                    self._pipeline.abandon_weights_above(
+                        decision.resume_to, f"a save of step {step} trains it again"
+                    )
+                if decision.reopen:
+                    self._pipeline.reopen(step, decision.reopen, decision.reason)
+        except BaseException:
+            self._ledger.unadmit(step, kind)
+            raise
+        if decision.action is reopening.Action.SKIP:
+            self._pipeline.commit(step, self._ledger.skipped(step, kind, name))
+        return decision
+
+    def resume_from_checkpoint(self) -> dict[str, int | None]:
+        """A run starts from the checkpoint pointer: the state dicts committed above it will be
+        trained again, so the state-dict pointer moves back to it now, before any rank writes
+        (ranks that write with plain ``torch.save`` never ask). Returns :meth:`latest_steps`."""
+        latest = self._pipeline.latest()
+        checkpoint, weights = latest[Kind.CHECKPOINT], latest[Kind.STATE_DICT]
+        if weights is not None and checkpoint is None:
+            logger.warning(
+                "the state-dict pointer of %s names step %d but no checkpoint is committed: a "
+                "run that starts from scratch here is refused at its first save; use a new root",
+                self._storage.url,
+                weights,
+            )
+        elif weights is not None and checkpoint is not None and weights > checkpoint:
+            self._pipeline.abandon_weights_above(checkpoint, "the run starts from it")
+        return self.latest_steps()
 
     def notify_finished(
         self,
@@ -197,7 +310,7 @@ class CheckpointMonitor:
             raise MonitorRestarted(step, writer_epoch, self._lease.epoch)
         if started:
             self._slots.release()
-        ready = self._ledger.finished(step, kind, files)
+        ready = self._ledger.finished(step, kind, files, name)
         self._pipeline.commit(step, ready)
 
     def notify_failed(

@@ -6,7 +6,7 @@ import enum
 import itertools
 import threading
 
-from commitpoint.errors import SlotTimeout
+from commitpoint.errors import InvalidArgument, SlotTimeout
 
 
 class SaveStrategy(str, enum.Enum):
@@ -26,12 +26,31 @@ class SaveStrategy(str, enum.Enum):
     SINGLE_NODE = "single_node"
     UNRESTRICTED = "unrestricted"
 
+    @classmethod
+    def parse(cls, value: object) -> SaveStrategy:
+        """``value`` as a strategy: any enum or string whose name or value matches one,
+        case-insensitively (Trinity-RFT's own ``SaveStrategy``, ``"SINGLE_THREAD"``...)."""
+        candidates: list[object] = [value]
+        if isinstance(value, enum.Enum):
+            candidates = [value.value, value.name]
+        for candidate in candidates:
+            if isinstance(candidate, str):
+                key = candidate.strip().lower()
+                for strategy in cls:
+                    if key in (strategy.value, strategy.name.lower()):
+                        return strategy
+        raise InvalidArgument(
+            f"save_strategy must be one of {[s.value for s in cls]} (name or value, any case), "
+            f"got {value!r}"
+        )
+
 
 class SlotScheduler:
     """Hands out the save slot per the strategy: ``acquire`` blocks while another writer has it.
 
     Owners are compared by what the strategy limits: a fresh token per save (``SINGLE_THREAD``),
-    (node, job) (``SINGLE_PROCESS``), the node (``SINGLE_NODE``). Any number of saves of the
+    (node, job) (``SINGLE_PROCESS``; under Ray the coordinator's job is the Ray job, as in
+    Trinity-RFT), the node (``SINGLE_NODE``). Any number of saves of the
     owner share the slot; it is free again once all of them released it.
     """
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -60,6 +61,30 @@ def _default_node_id() -> str:
     return socket.gethostname()
 
 
+def _default_job_id() -> str:
+    """Who a "process" is for ``SINGLE_PROCESS``: under Ray the Ray job, as Trinity-RFT's monitor
+    has it (every worker of one job on one node shares the slot); else this process."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_job_id())
+    except ImportError:
+        pass
+    return str(os.getpid())
+
+
+def _process_group_size() -> int:
+    """Ranks of the torch.distributed group this process is in (1 if none)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 1
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return int(dist.get_world_size())
+
+
 def _check_save_fn(save_fn: object) -> SaveFn:
     if not callable(save_fn):
         raise InvalidArgument(f"save_fn must be a zero-argument callable, got {save_fn!r}")
@@ -90,7 +115,7 @@ class CheckpointCoordinator:
         self._step_epochs: dict[int, int] = {}
         self._storage.set_publish_guard(self._guard_publish)
         self._node_id = node_id or _default_node_id()
-        self._job_id = job_id or str(os.getpid())
+        self._job_id = job_id or _default_job_id()
         self._threads: dict[str, threading.Thread] = {}
         self._failures: list[SaveFailed] = []
         self._lock = threading.Lock()
@@ -203,12 +228,24 @@ class CheckpointCoordinator:
             raise
 
     def save_sync(self, save_fn: SaveFn, global_step: int, is_state_dict: bool = False) -> None:
-        """Run ``save_fn`` now, in this thread; raise :class:`SaveFailed` if it fails."""
+        """Run ``save_fn`` now, in this thread.
+
+        A failure raises a :class:`SaveFailed` that is also an instance of the save function's
+        own exception type (:meth:`SaveFailed.like_cause`): code written to catch that type keeps
+        working, and ``step``, ``name`` and ``cause`` are attached.
+
+        A re-save of a committed step is skipped as in :meth:`save_async`, except in a
+        torch.distributed group of several ranks: the function may hold collectives that the
+        other ranks wait in, so it runs, after the pointers naming the step were moved back.
+        """
         _check_save_fn(save_fn)
         check_step(global_step)
-        failure = self._run_save("sync", save_fn, global_step, bool(is_state_dict))
+        ranks = _process_group_size()
+        failure = self._run_save("sync", save_fn, global_step, bool(is_state_dict), ranks)
         if failure is not None:
-            raise failure
+            raise SaveFailed.like_cause(
+                failure.step, failure.name, failure.cause
+            ) from failure.cause
 
     def _run(
         self,
@@ -230,13 +267,21 @@ class CheckpointCoordinator:
                 self._failures.append(failure)
 
     def _run_save(
-        self, name: str, save_fn: SaveFn, step: int, is_state_dict: bool
+        self, name: str, save_fn: SaveFn, step: int, is_state_dict: bool, ranks: int = 1
     ) -> SaveFailed | None:
         started = False
         try:
-            latest = self._monitor.notify_started(self._node_id, self._job_id)
+            latest = self._monitor.notify_started(
+                self._node_id,
+                self._job_id,
+                step=step,
+                is_state_dict=is_state_dict,
+                name=name,
+                must_run=ranks > 1,
+            )
             started = True
-            self._refuse_committed_step(step, is_state_dict, latest)
+            if not self._admitted(name, step, latest, ranks):
+                return None
             self._writer_epoch = self._saving.epoch = latest.get("writer_epoch")
             self._saving.kind = Kind.of(is_state_dict)
             self._refuse_if_fenced()
@@ -269,18 +314,30 @@ class CheckpointCoordinator:
                 logger.error("could not report failed save %r to the monitor: %s", name, report_exc)
             return SaveFailed(step, name, exc)
 
-    def _refuse_committed_step(
-        self, step: int, is_state_dict: bool, latest_steps: dict[str, int | None]
-    ) -> None:
-        """Never write into a step a pointer already names: its files are committed.
-
-        This happens after resuming from an older checkpoint while the state-dict pointer is
-        ahead of it; rewind the pointer first (``commitpoint rewind``) to re-train those steps.
-        """
-        kind = Kind.of(is_state_dict)
-        latest = latest_steps[kind.value]
-        if latest is not None and step <= latest:
-            raise StepRegression(self._storage.url_for(kind.pointer), latest, step)
+    @staticmethod
+    def _admitted(name: str, step: int, reply: dict[str, Any], ranks: int) -> bool:
+        """Act on the monitor's answer (:mod:`commitpoint.monitor.reopen`): False for a
+        committed re-save (not run), raise for a step below a pointer (nothing written), True to
+        run (pointers naming the step were moved back if it is being rewritten)."""
+        action, reason = reply.get("action", "run"), reply.get("reason", "")
+        if action == "skip":
+            logger.info("save %r of step %d not run: %s", name, step, reason)
+            return False
+        if action == "refuse":
+            raise StepRegression(str(reply["pointer"]), int(reply["current"]), step)
+        if reason and ranks > 1:
+            logger.info(
+                "save %r of step %d runs although the step is committed: this process is one of "
+                "%d ranks of a torch.distributed process group whose collectives the save may "
+                "hold; the pointers naming the step were moved back first (%s)",
+                name,
+                step,
+                ranks,
+                reason,
+            )
+        elif reason:
+            logger.info("save %r of step %d: %s; its pointers were moved back", name, step, reason)
+        return True
 
     def _writer_epoch_of(self, step: int, epoch: int | None) -> int | None:
         """The monitor epoch the first save or registration of ``step`` here saw."""
