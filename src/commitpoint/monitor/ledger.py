@@ -77,6 +77,8 @@ class StepState:
     def done(self) -> bool:
         if not all(self.balanced(k) for k in Kind) or self.committing:
             return False
+        if any(self.finished[k] > self.expected[k] for k in Kind):
+            return False  # admitted saves whose registration is still to come
         return all(
             k in self.committed or self.failed[k] or self.failed[Kind.STATE_DICT]
             for k in Kind

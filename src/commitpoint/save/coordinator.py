@@ -380,10 +380,10 @@ class CheckpointCoordinator:
         current = self._storage.read_pointer(kind.pointer).value
         if current is None or target > current:
             return
-        # The pointer names this step, or a later one and this step has its manifest: either way
-        # the step's files are committed. (A late step below the pointer without a manifest is
-        # not, and may still finish.)
-        if target == current or read_manifest_for(self._storage, target, kind) is not None:
+        # A pointer at or above the step and the step's manifest: its files are committed. (A late
+        # step below the pointer without a manifest is not, and may still finish; nor is a step
+        # the monitor reopened for this save, whose manifest it dropped before the save ran.)
+        if read_manifest_for(self._storage, target, kind) is not None:
             raise StepRegression(self._storage.url_for(kind.pointer), current, target)
 
     def wait_all(self, timeout: float | None = None) -> None:
