@@ -71,7 +71,7 @@ def setup(local_checkpoint_root: CheckpointRoot) -> tuple[CheckpointRoot, Checkp
     return local_checkpoint_root, CheckpointCoordinator(monitor)
 
 
-# -- the decision table ---------------------------------------------------------------------------
+# -- the decision table --
 def test_decide_names_each_case() -> None:
     sd, ck = Kind.STATE_DICT, Kind.CHECKPOINT
     latest = {ck: 4, sd: 6}
@@ -92,7 +92,7 @@ def test_decide_names_each_case() -> None:
     assert decide(4, sd, "x", {ck: 4, sd: 4}, committed, False).reopen == (ck, sd)
 
 
-# -- re-save ----------------------------------------------------------------------------------------
+# -- re-save --
 def test_a_committed_re_save_is_not_run_and_its_registration_completes(
     setup: tuple[CheckpointRoot, CheckpointCoordinator], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -109,7 +109,7 @@ def test_a_committed_re_save_is_not_run_and_its_registration_completes(
     assert root.verify(2, "checkpoint").ok
 
 
-# -- reopen -----------------------------------------------------------------------------------------
+# -- reopen --
 def test_a_checkpoint_of_published_weights_moves_the_weights_pointer_back_while_it_writes(
     setup: tuple[CheckpointRoot, CheckpointCoordinator],
 ) -> None:
@@ -189,7 +189,7 @@ def test_the_weights_of_a_step_never_commit_while_its_checkpoint_save_still_writ
     assert root.verify(3, "checkpoint").ok
 
 
-# -- resume -----------------------------------------------------------------------------------------
+# -- resume --
 def test_a_save_above_the_checkpoint_moves_published_weights_back_before_it_runs(
     setup: tuple[CheckpointRoot, CheckpointCoordinator],
 ) -> None:
@@ -232,7 +232,7 @@ def test_resume_from_checkpoint_moves_weights_back_and_refuses_below_the_checkpo
     assert not fresh.storage.exists("global_step_1/x")
 
 
-# -- another writer's pointer -----------------------------------------------------------------------
+# -- another writer's pointer --
 def test_a_pointer_someone_else_moved_higher_fails_the_commit_loudly(
     setup: tuple[CheckpointRoot, CheckpointCoordinator], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -260,7 +260,7 @@ def test_a_pointer_someone_else_moved_higher_fails_the_commit_loudly(
     assert _pointers(root) == (None, 9)
 
 
-# -- save_sync errors -------------------------------------------------------------------------------
+# -- save_sync errors --
 class QuotaExceeded(Exception):
     def __init__(self, user: str) -> None:
         super().__init__(f"quota of {user}")
