@@ -322,6 +322,16 @@ class WorkerGroup:
 
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
+        for handle in self.handles:
+            _wait_dead(handle)
+
+
+def _wait_dead(handle: Any) -> None:
+    """ray.kill returns at once; wait until the actor really is gone (a call fails)."""
+    import ray
+
+    with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        ray.get(handle.__ray_ready__.remote(), timeout=30)
 
 
 # -- configuration --
@@ -343,6 +353,8 @@ class RunConfig:
     wait_for_weights_before_save: bool = False
     """Let the step's state-dict commit land before the checkpoint save (the delayed ordering)."""
     crash_after_step: int | None = None
+    crash_waits_for_saves: bool = True
+    """False: the job dies with the last step's background save possibly still writing."""
     before_step: Callable[[int], None] | None = None
     before_final_save: Callable[[], None] | None = None
 
@@ -445,7 +457,9 @@ class VERLTrainerShape:
         if self.critic_wg is not None:
             self.critic_wg.kill()
         with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor("checkpoint_monitor", namespace=self.config.ray_namespace))
+            monitor = ray.get_actor("checkpoint_monitor", namespace=self.config.ray_namespace)
+            ray.kill(monitor)
+            _wait_dead(monitor)
 
 
 # -- trinity/trainer/trainer.py: Trainer.train --
@@ -474,7 +488,8 @@ async def _train(trainer: VERLTrainerShape, result: RunResult) -> None:
                     wait_for_pointer(config.checkpoint_job_dir, STATE_DICT_TRACKER, step)
                 await trainer.save_checkpoint(save_as_hf=config.save_hf_checkpoint == "always")
             if config.crash_after_step == step:
-                trainer.actor_rollout_wg.call("wait_on_save_thread")
+                if config.crash_waits_for_saves:
+                    trainer.actor_rollout_wg.call("wait_on_save_thread")
                 result.crashed = True
                 return
         except Exception as exc:  # upstream logs and stops training, then saves once more

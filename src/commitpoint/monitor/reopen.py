@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from commitpoint.core.layout import Kind, parse_step_dir, step_dir
 from commitpoint.core.manifest import manifest_path, read_manifest, read_manifest_for
 from commitpoint.core.pointer import rewind_pointer
-from commitpoint.errors import CommitConflict, CorruptCheckpoint
+from commitpoint.errors import CommitConflict, CommitpointError
 from commitpoint.maintenance.rewind import RewindRecord, append_history
 from commitpoint.storage.protocol import StorageBackend
 
@@ -103,11 +103,11 @@ def files_present(storage: StorageBackend, step: int, kind: Kind) -> bool:
     size): a pointer may be moved back to it. Checksums are left to verified loads."""
     try:
         manifest = read_manifest_for(storage, step, kind)
-    except CorruptCheckpoint:
+        if manifest is None:
+            return False
+        stored = {info.path: info.size for info in storage.list_files(step_dir(step))}
+    except (CommitpointError, OSError):  # unreadable, or being deleted by someone else
         return False
-    if manifest is None:
-        return False
-    stored = {info.path: info.size for info in storage.list_files(step_dir(step))}
     return all(stored.get(record.path) == record.size for record in manifest.files)
 
 
@@ -205,6 +205,7 @@ def reopen(
             continue
         target = rewind_target(storage, kind, step, floor)
         if target is None:
+            floor = step  # the state-dict pointer never ends below the checkpoint pointer
             logger.warning(
                 "%s step %d is rewritten (%s) but no earlier step can be named instead; the "
                 "pointer keeps naming it until the step commits again",
