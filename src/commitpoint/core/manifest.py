@@ -9,6 +9,7 @@ are listed too, marked untracked, with a checksum the monitor computed by readin
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,8 @@ from commitpoint.core.checksum import DEFAULT_ALGORITHM, checksum_stream
 from commitpoint.core.layout import Kind, is_temporary, step_dir, step_of_path
 from commitpoint.errors import CorruptCheckpoint, StorageError
 from commitpoint.storage.protocol import FileRecord, StorageBackend
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -125,6 +128,24 @@ def build_manifest(
                 continue
             with storage.open_read(info.path) as stream:
                 size, checksum = checksum_stream(stream, DEFAULT_ALGORITHM)
+            if size != info.size:
+                # Someone outside commitpoint is still writing it (Trinity's critic saves with
+                # plain torch.save while the weights of the step commit): not part of this commit.
+                if kind is Kind.CHECKPOINT:
+                    raise CorruptCheckpoint(
+                        storage.url_for(info.path),
+                        f"changed while step {step} was listed ({info.size} then {size} bytes); "
+                        "step not committed",
+                    )
+                logger.warning(
+                    "%s changed while step %d was listed (%d then %d bytes): left out of the "
+                    "state dict",
+                    storage.url_for(info.path),
+                    step,
+                    info.size,
+                    size,
+                )
+                continue
             files[info.path] = FileRecord(info.path, size, checksum, DEFAULT_ALGORITHM, False)
     return Manifest(
         step=step,

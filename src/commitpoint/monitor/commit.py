@@ -138,8 +138,8 @@ class CommitPipeline:
         records = list(work.records)
         if kind is Kind.CHECKPOINT:
             earlier = read_manifest(self._storage, step, Kind.STATE_DICT)
-            if earlier is not None:
-                records = [*earlier.files, *records]
+            if earlier is not None:  # its listed files are listed again: they may have changed
+                records = [*(r for r in earlier.files if r.tracked), *records]
         manifest = build_manifest(
             self._storage,
             step,

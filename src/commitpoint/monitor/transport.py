@@ -178,11 +178,15 @@ class MonitorClient:
         node_id: str,
         job_id: str,
         *,
-        step: int,
-        is_state_dict: bool,
-        name: str,
-        must_run: bool,
+        step: int | None = None,
+        is_state_dict: bool = False,
+        name: str = "",
+        must_run: bool = False,
     ) -> dict[str, Any]:
+        """Take a save slot; with ``step``, also admit the save (the reply's ``action``)."""
+        if step is None:
+            slot_only: dict[str, Any] = self._call("notify_started", node_id, job_id)
+            return slot_only
         result: dict[str, Any] = self._call(
             "notify_started",
             node_id,
