@@ -1,0 +1,205 @@
+"""``save``, ``async_save`` and ``load``: DCP's entry points with commitpoint's storage.
+
+Each is called on every rank of the process group, like DCP's own. Failures come back as
+commitpoint's errors on every rank alike: DCP gathers each rank's exception, and these wrappers
+unpack the one that caused it (a refusal decided on the coordinator rank reaches every rank as
+the same :class:`SaveFailed`, whose ``cause`` is the :class:`StepRegression` or
+:class:`WriterFenced`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.stateful import Stateful
+
+from commitpoint.coordinator import CheckpointCoordinator
+from commitpoint.dcp._report import SAVE_NAME
+from commitpoint.dcp.reader import StorageReader
+from commitpoint.dcp.writer import StorageWriter, storage_of
+from commitpoint.errors import CommitpointError, SaveFailed
+from commitpoint.layout import Kind
+from commitpoint.reader import CheckpointReader
+from commitpoint.storage.protocol import StorageBackend
+
+
+def rank_failure(exc: CheckpointException) -> BaseException:
+    """The exception behind a DCP collective failure: a commitpoint error if any rank raised
+    one (lowest rank first), else the lowest rank's exception."""
+    failures = sorted(exc.failures.items())
+    for _, (error, _trace) in failures:
+        if isinstance(error, CommitpointError):
+            return error
+    return failures[0][1][0] if failures else exc
+
+
+def _stateful_to_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        key: value.state_dict() if isinstance(value, Stateful) else value
+        for key, value in state_dict.items()
+    }
+
+
+def _run_save(
+    state_dict: Mapping[str, Any], writer: StorageWriter, process_group: Any
+) -> Metadata:
+    try:
+        return dcp.save(dict(state_dict), storage_writer=writer, process_group=process_group)
+    except CheckpointException as exc:
+        cause = rank_failure(exc)
+        writer.abandon(cause)
+        failure = cause if isinstance(cause, SaveFailed) else SaveFailed(
+            writer.global_step, SAVE_NAME, cause if isinstance(cause, Exception) else exc_of(cause)
+        )
+        raise failure from exc
+    except Exception as exc:
+        writer.abandon(exc)
+        raise SaveFailed(writer.global_step, SAVE_NAME, exc) from exc
+
+
+def exc_of(error: BaseException) -> Exception:
+    return error if isinstance(error, Exception) else RuntimeError(repr(error))
+
+
+def save(
+    state_dict: Mapping[str, Any],
+    coordinator: CheckpointCoordinator | StorageBackend,
+    global_step: int,
+    *,
+    is_state_dict: bool = False,
+    process_group: Any = None,
+) -> Metadata:
+    """``dcp.save`` of ``state_dict`` as step ``global_step``, committed once every rank's part
+    is durable; returns DCP's metadata. Raises :class:`SaveFailed` (the same on every rank) if
+    the step was refused or any rank failed; nothing is committed then."""
+    writer = StorageWriter(coordinator, global_step, is_state_dict=is_state_dict)
+    return _run_save(_stateful_to_state_dict(state_dict), writer, process_group)
+
+
+# -- async_save ---------------------------------------------------------------------------------
+class _LocalShard(dict[str, Any]):
+    """Stands for a DTensor while staging: holds its local shard under ``"local"``; the stager
+    copies it like any dict (type and ``index`` attribute kept), so the copy can be turned
+    back into a DTensor."""
+
+    index: int
+
+
+def _split_dtensors(value: Any, found: list[Any]) -> Any:
+    """``value`` with each DTensor replaced by a :class:`_LocalShard` of its local tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        shard = _LocalShard(local=value.to_local())
+        shard.index = len(found)
+        found.append(value)
+        return shard
+    if isinstance(value, Mapping):
+        return {key: _split_dtensors(item, found) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_split_dtensors(item, found) for item in value]
+    return value
+
+
+def _join_dtensors(value: Any, originals: list[Any]) -> Any:
+    """The staged copy with each :class:`_LocalShard` a DTensor again, with its original's
+    mesh, placements, shape and stride (no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, _LocalShard):
+        original = originals[value.index]
+        return DTensor.from_local(
+            value["local"],
+            original.device_mesh,
+            original.placements,
+            run_check=False,
+            shape=original.shape,
+            stride=original.stride(),
+        )
+    if isinstance(value, Mapping):
+        return {key: _join_dtensors(item, originals) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_join_dtensors(item, originals) for item in value]
+    return value
+
+
+def async_save(
+    state_dict: Mapping[str, Any],
+    coordinator: CheckpointCoordinator,
+    global_step: int,
+    *,
+    is_state_dict: bool = False,
+    process_group: Any = None,
+) -> Future[Metadata]:
+    """Stage ``state_dict`` into the coordinator's reusable CPU buffers, then save it as
+    :func:`save` does on a background thread; returns a future of DCP's metadata.
+
+    When this returns, the tensors may be changed (the copy is done): the training stall is
+    that copy only. The future raises :class:`SaveFailed` on every rank if the step was
+    refused (decided before any rank writes) or failed. Collectives run on ``process_group``
+    from the background thread: give a separate gloo group if training runs collectives on the
+    default one meanwhile.
+    """
+    if not isinstance(coordinator, CheckpointCoordinator):
+        raise SaveFailed(
+            global_step,
+            SAVE_NAME,
+            TypeError("async_save needs a CheckpointCoordinator (its stager holds the copy)"),
+        )
+    writer = StorageWriter(coordinator, global_step, is_state_dict=is_state_dict)
+    plain = _stateful_to_state_dict(state_dict)
+    dtensors: list[Any] = []
+    local = _split_dtensors(plain, dtensors)
+    staged = coordinator.stage(local)
+    try:
+        staged.wait()
+    except BaseException:
+        staged.release()
+        raise
+    copy = _join_dtensors(staged.state_dict(), dtensors)
+    future: Future[Metadata] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(_run_save(copy, writer, process_group))
+        except BaseException as exc:
+            future.set_exception(exc)
+        finally:
+            staged.release()
+
+    threading.Thread(target=run, name=f"commitpoint-dcp-save-{global_step}", daemon=True).start()
+    return future
+
+
+# -- load ---------------------------------------------------------------------------------------
+def load(
+    state_dict: dict[str, Any],
+    url: str | CheckpointReader | StorageBackend,
+    global_step: int | None = None,
+    *,
+    kind: Kind | str = Kind.CHECKPOINT,
+    process_group: Any = None,
+    **storage_options: Any,
+) -> int:
+    """``dcp.load`` into ``state_dict`` (in place, any number of ranks) from a committed step;
+    ``global_step=None`` loads the latest committed step of ``kind``. Every byte read is
+    verified against the manifest first; a mismatch raises :class:`CorruptCheckpoint` on every
+    rank. Returns the step loaded."""
+    reader = StorageReader(url, global_step, kind=kind, **storage_options)
+    step = reader.global_step
+    reader.read_metadata()  # a bad manifest or metadata raises here, typed, on each rank
+    try:
+        dcp.load(state_dict, storage_reader=reader, process_group=process_group)
+    except CheckpointException as exc:
+        cause = rank_failure(exc)
+        if isinstance(cause, CommitpointError):
+            raise cause from exc
+        raise
+    return step

@@ -1,0 +1,1 @@
+def export_safetensors(*a, **k): raise NotImplementedError
