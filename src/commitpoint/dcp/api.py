@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
-import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
@@ -23,10 +22,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 from commitpoint.coordinator import CheckpointCoordinator
 from commitpoint.dcp._report import SAVE_NAME
 from commitpoint.dcp.reader import StorageReader
-from commitpoint.dcp.writer import StorageWriter, storage_of
+from commitpoint.dcp.writer import StorageWriter
 from commitpoint.errors import CommitpointError, SaveFailed
 from commitpoint.layout import Kind
 from commitpoint.reader import CheckpointReader
+from commitpoint.staging import Stager
 from commitpoint.storage.protocol import StorageBackend
 
 
@@ -47,16 +47,23 @@ def _stateful_to_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_save(
-    state_dict: Mapping[str, Any], writer: StorageWriter, process_group: Any
-) -> Metadata:
+def _run_save(state_dict: Mapping[str, Any], writer: StorageWriter, process_group: Any) -> Metadata:
     try:
-        return dcp.save(dict(state_dict), storage_writer=writer, process_group=process_group)
+        metadata: Metadata = state_dict_saver.save(
+            dict(state_dict), storage_writer=writer, process_group=process_group
+        )
+        return metadata
     except CheckpointException as exc:
         cause = rank_failure(exc)
         writer.abandon(cause)
-        failure = cause if isinstance(cause, SaveFailed) else SaveFailed(
-            writer.global_step, SAVE_NAME, cause if isinstance(cause, Exception) else exc_of(cause)
+        failure = (
+            cause
+            if isinstance(cause, SaveFailed)
+            else SaveFailed(
+                writer.global_step,
+                SAVE_NAME,
+                cause if isinstance(cause, Exception) else exc_of(cause),
+            )
         )
         raise failure from exc
     except Exception as exc:
@@ -130,9 +137,23 @@ def _join_dtensors(value: Any, originals: list[Any]) -> Any:
     return value
 
 
+_SHARED_STAGER: list[Stager] = []
+_SHARED_STAGER_LOCK = threading.Lock()
+
+
+def _stager_of(coordinator: CheckpointCoordinator | StorageBackend) -> Stager:
+    """The coordinator's stager; a rank with only a backend shares one per process."""
+    if isinstance(coordinator, CheckpointCoordinator):
+        return coordinator.stager
+    with _SHARED_STAGER_LOCK:
+        if not _SHARED_STAGER:
+            _SHARED_STAGER.append(Stager())
+        return _SHARED_STAGER[0]
+
+
 def async_save(
     state_dict: Mapping[str, Any],
-    coordinator: CheckpointCoordinator,
+    coordinator: CheckpointCoordinator | StorageBackend,
     global_step: int,
     *,
     is_state_dict: bool = False,
@@ -147,17 +168,11 @@ def async_save(
     from the background thread: give a separate gloo group if training runs collectives on the
     default one meanwhile.
     """
-    if not isinstance(coordinator, CheckpointCoordinator):
-        raise SaveFailed(
-            global_step,
-            SAVE_NAME,
-            TypeError("async_save needs a CheckpointCoordinator (its stager holds the copy)"),
-        )
     writer = StorageWriter(coordinator, global_step, is_state_dict=is_state_dict)
     plain = _stateful_to_state_dict(state_dict)
     dtensors: list[Any] = []
     local = _split_dtensors(plain, dtensors)
-    staged = coordinator.stage(local)
+    staged = _stager_of(coordinator).stage(local)
     try:
         staged.wait()
     except BaseException:
@@ -196,7 +211,7 @@ def load(
     step = reader.global_step
     reader.read_metadata()  # a bad manifest or metadata raises here, typed, on each rank
     try:
-        dcp.load(state_dict, storage_reader=reader, process_group=process_group)
+        state_dict_loader.load(state_dict, storage_reader=reader, process_group=process_group)
     except CheckpointException as exc:
         cause = rank_failure(exc)
         if isinstance(cause, CommitpointError):

@@ -15,12 +15,12 @@ import os
 import pickle
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
-from torch.distributed.checkpoint import StorageReader as _DcpStorageReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader as _DcpStorageReader
 from torch.futures import Future
 
 from commitpoint.checksum import Checksum
@@ -160,7 +160,9 @@ class StorageReader(_DcpStorageReader):
     def _manifest(self, step: int) -> Manifest:
         """The step's manifest for the kind asked for; for a step named by the caller, the
         other kind's too (a state-dict step has no checkpoint manifest)."""
-        kinds = [self._kind, *([] if self._requested is None else [k for k in Kind if k is not self._kind])]
+        kinds = [self._kind]
+        if self._requested is not None:
+            kinds += [k for k in Kind if k is not self._kind]
         if self._kind is Kind.STATE_DICT:
             kinds.append(Kind.CHECKPOINT)  # a checkpoint's manifest covers its state dict
         for kind in kinds:
@@ -268,9 +270,11 @@ class StorageReader(_DcpStorageReader):
             planner.load_bytes(item, io.BytesIO(window))
             return
         try:
-            tensor = torch.load(_Slice(window), map_location="cpu", weights_only=True)
+            tensor = torch.load(
+                cast(IO[bytes], _Slice(window)), map_location="cpu", weights_only=True
+            )
         except Exception as exc:
-            raise CorruptCheckpoint(where, f"item {item.storage_index} is unreadable: {exc}") from exc
+            raise CorruptCheckpoint(where, f"item {item.storage_index} unreadable: {exc}") from exc
         for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
             tensor = tensor.narrow(dim, start, length)
         target = planner.resolve_tensor(item).detach()

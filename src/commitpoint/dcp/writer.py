@@ -19,17 +19,18 @@ with ``torch.distributed.checkpoint.FileSystemReader``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
-from torch.distributed.checkpoint import StorageWriter as _DcpStorageWriter
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter as _DcpStorageWriter
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
@@ -84,7 +85,10 @@ class StorageWriter(_DcpStorageWriter):
     """
 
     def __init__(
-        self, coordinator: CheckpointCoordinator | StorageBackend, global_step: int, *,
+        self,
+        coordinator: CheckpointCoordinator | StorageBackend,
+        global_step: int,
+        *,
         is_state_dict: bool = False,
     ) -> None:
         super().__init__()
@@ -186,7 +190,7 @@ class StorageWriter(_DcpStorageWriter):
         metadata.storage_data = storage_data
         metadata.storage_meta = self.storage_meta()
         with self._open(METADATA_FILE) as writer:
-            pickle.dump(metadata, writer)  # type: ignore[arg-type]
+            pickle.dump(metadata, writer)
             self._before_publish(writer, self._admission)
         assert writer.record is not None
         records.append(writer.record)
@@ -218,7 +222,7 @@ class StorageWriter(_DcpStorageWriter):
             for item in items:
                 offset = writer.tell()
                 data = planner.resolve_data(item)
-                if item.type == WriteItemType.BYTE_IO:
+                if isinstance(data, io.BytesIO):
                     writer.write(data.getbuffer())
                 else:
                     _save_tensor(writer, _plain_cpu(data))
@@ -253,7 +257,7 @@ def _save_tensor(writer: TrackedWriter, tensor: torch.Tensor) -> None:
     file and is verified on load; see :mod:`commitpoint.torch_io`)."""
     sink = _FirstWriteCloses(writer, window_open=_ZIP_CRC32.open())
     try:
-        torch.save(tensor, sink)
+        torch.save(tensor, cast(IO[bytes], sink))
     except Exception as exc:
         failure = getattr(writer, "failure", None)
         if isinstance(failure, Exception) and failure is not exc:
