@@ -13,9 +13,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from commitpoint.coordinator import CheckpointCoordinator
+from commitpoint.core.layout import WRITER_EPOCH, Kind
 from commitpoint.errors import MonitorRestarted, StepRegression, WriterFenced, redact
-from commitpoint.layout import WRITER_EPOCH, Kind
+from commitpoint.save.coordinator import CheckpointCoordinator
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class StepReport:
         :class:`WriterFenced` (the slot is given back either way)."""
         node = str(getattr(self._coordinator, "_node_id", "") or "")
         job = str(getattr(self._coordinator, "_job_id", "") or "")
-        latest: dict[str, Any] = self._monitor.call("notify_started", node, job)
+        latest: dict[str, Any] = self._monitor.notify_started(node, job)
         self._open = True
         try:
             known = latest.get(self._kind.value)
@@ -94,17 +94,11 @@ class StepReport:
             "checkpoint_thread_count": 0 if is_state_dict else 1,
         }
         epoch = self._admission.writer_epoch
-        self._monitor.call("register_thread_count", self._step, **counts)
         self._open = False
-        self._monitor.call(
-            "notify_finished",
-            self._step,
-            is_state_dict,
-            name=SAVE_NAME,
-            files=records,
-            writer_epoch=epoch,
+        self._monitor.notify_finished(
+            self._step, is_state_dict, name=SAVE_NAME, files=records, writer_epoch=epoch
         )
-        now = self._monitor.call("monitor_step", self._step, is_state_dict, 1)
+        now = self._monitor.register(self._step, is_state_dict, counts, 1)
         if epoch is not None and isinstance(now, int) and now != epoch:
             raise MonitorRestarted(self._step, epoch, now)
 
@@ -115,8 +109,7 @@ class StepReport:
         self._open = False
         described = redact(f"{type(error).__name__}: {error}")
         try:
-            self._monitor.call(
-                "notify_failed",
+            self._monitor.notify_failed(
                 self._step,
                 self._kind is Kind.STATE_DICT,
                 name=SAVE_NAME,

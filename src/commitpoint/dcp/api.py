@@ -19,14 +19,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 
-from commitpoint.coordinator import CheckpointCoordinator
+from commitpoint.core.layout import Kind
 from commitpoint.dcp._report import SAVE_NAME
 from commitpoint.dcp.reader import StorageReader
 from commitpoint.dcp.writer import StorageWriter
 from commitpoint.errors import CommitpointError, SaveFailed
-from commitpoint.layout import Kind
-from commitpoint.reader import CheckpointReader
-from commitpoint.staging import Stager
+from commitpoint.read.reader import CheckpointReader
+from commitpoint.save.coordinator import CheckpointCoordinator
+from commitpoint.save.staging import Stager
 from commitpoint.storage.protocol import StorageBackend
 
 

@@ -23,12 +23,12 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader as _DcpStorageReader
 from torch.futures import Future
 
-from commitpoint.checksum import Checksum
+from commitpoint.core.checksum import Checksum
+from commitpoint.core.layout import Kind, check_step, step_dir
+from commitpoint.core.manifest import Manifest, read_manifest
 from commitpoint.dcp.writer import METADATA_FILE
 from commitpoint.errors import CorruptCheckpoint, InvalidArgument, StorageError
-from commitpoint.layout import Kind, check_step, step_dir
-from commitpoint.manifest import Manifest, read_manifest
-from commitpoint.reader import CheckpointReader
+from commitpoint.read.reader import CheckpointReader
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 from commitpoint.storage.registry import open_storage
 

@@ -34,12 +34,12 @@ from torch.distributed.checkpoint.storage import StorageWriter as _DcpStorageWri
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from commitpoint.coordinator import CheckpointCoordinator
+from commitpoint.core.layout import Kind, check_step, step_dir
 from commitpoint.dcp._report import Admission, StepReport, refuse_if_committed, refuse_if_fenced
 from commitpoint.errors import InvalidArgument
-from commitpoint.layout import Kind, check_step, step_dir
+from commitpoint.save.coordinator import CheckpointCoordinator
+from commitpoint.save.torch_io import _ZIP_CRC32, _FirstWriteCloses
 from commitpoint.storage.protocol import FileRecord, StorageBackend, TrackedWriter
-from commitpoint.torch_io import _ZIP_CRC32, _FirstWriteCloses
 
 METADATA_FILE = ".metadata"
 DATA_SUFFIX = ".distcp"
