@@ -13,6 +13,8 @@ Actions (a list of dicts, run in order on every rank):
   step into model + optimizer (``get_state_dict`` / ``set_state_dict``), report what it holds.
 - ``{"op": "fence"}``: rank 0 starts a second monitor on the root (a restarted job), fencing its
   own.
+- ``{"op": "export", "step": N, "seed": S}``: export the trained model's weights as safetensors
+  (``config.json`` included) as state-dict step N; reports the full values.
 - ``{"op": "hash", "step": N}``: rank 0 reports the sha256 of every file of step N.
 - ``{"op": "flip", "path": P}``: rank 0 flips one byte in the middle of file P (relative to the
   root) behind commitpoint's back; every rank waits for it.
@@ -200,7 +202,11 @@ def _stall_after_first_write(storage: Any, marker: Path) -> None:
 def rank_main(spec_path: str, out_path: str) -> None:
     warnings.simplefilter("ignore")
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
 
     import commitpoint.dcp as cdcp
     from commitpoint import CheckpointCoordinator, CheckpointMonitor, open_storage
@@ -251,6 +257,13 @@ def rank_main(spec_path: str, out_path: str) -> None:
                 )
                 model_sd, optim_sd = get_state_dict(model, optimizer)
                 report["values"] = full_values({"model": model_sd, "optim": optim_sd})
+            elif op == "export":
+                model, _ = _sharded(action.get("seed", 0))
+                weights = get_model_state_dict(model)
+                report["values"] = full_values(weights)
+                cdcp.export_safetensors(
+                    weights, target, action["step"], config={"model_type": "toy"}
+                )
             elif op == "hash" and rank == 0:
                 plain = open_storage(url, **options)
                 report["hashes"] = {

@@ -8,6 +8,7 @@ by a deadline, so a hang fails the test instead of stalling the suite.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import signal
@@ -204,6 +205,36 @@ def test_flipped_byte_fails_closed_on_every_rank(
     with pytest.raises(CorruptCheckpoint, match=r"__1_0\.distcp"):
         _load_here(root, 1)
     assert not root.verify(1, "checkpoint").ok
+
+
+def test_safetensors_export_is_a_committed_model_folder(
+    checkpoint_root: CheckpointRoot, tmp_path: Path
+) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    root = checkpoint_root
+    actions = [
+        {"op": "export", "step": 3, "seed": 6},
+        {"op": "export", "step": 3, "seed": 7},  # committed: refused on both ranks
+    ]
+    reports = _run(root, 2, actions, tmp_path)
+    for rank_reports in reports:
+        assert rank_reports[0]["ok"], rank_reports[0]
+        assert (rank_reports[1]["error"], rank_reports[1]["cause"]) == (
+            "SaveFailed",
+            "StepRegression",
+        )
+    assert root.committed_steps() == {"state_dict": 3, "checkpoint": None}
+    report = root.verify(3, "state_dict")
+    assert report.ok and report.files == 2
+    manifest = root.manifest(3, "state_dict")
+    assert {(f.path, f.tracked) for f in manifest.files} == {
+        ("global_step_3/model.safetensors", True),
+        ("global_step_3/config.json", True),
+    }
+    storage = root.open()
+    weights = safetensors_torch.load(storage.read_bytes("global_step_3/model.safetensors"))
+    assert dcp_ranks.full_values(weights) == reports[0][0]["values"]
+    assert json.loads(storage.read_bytes("global_step_3/config.json")) == {"model_type": "toy"}
 
 
 # -- one process: the storage classes themselves ------------------------------------------------
