@@ -56,12 +56,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_ranks(
-    world_size: int, url: str, options: dict[str, Any], actions: list[dict[str, Any]], work: Path
+def launch(
+    world_size: int, argv: list[str], work: Path, outputs: list[str] | None = None
 ) -> list[subprocess.Popen[bytes]]:
+    """Start ``python <argv>`` once per rank with torchrun's environment; rank r's output goes
+    to ``work/rank-<r>.log`` and ``{out}`` in ``argv`` becomes ``outputs[r]``."""
     work.mkdir(parents=True, exist_ok=True)
-    spec = work / "spec.json"
-    spec.write_text(json.dumps({"url": url, "options": options, "actions": actions}))
     port = _free_port()
     processes = []
     for rank in range(world_size):
@@ -70,21 +70,29 @@ def start_ranks(
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
         )
-        log = open(work / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed by the child's exit
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(spec), str(work / f"rank-{rank}.json")],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+        args = [a.replace("{out}", outputs[rank]) if outputs else a for a in argv]
+        with open(work / f"rank-{rank}.log", "wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT
+                )
             )
-        )
-        log.close()
     return processes
+
+
+def start_ranks(
+    world_size: int, url: str, options: dict[str, Any], actions: list[dict[str, Any]], work: Path
+) -> list[subprocess.Popen[bytes]]:
+    work.mkdir(parents=True, exist_ok=True)
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"url": url, "options": options, "actions": actions}))
+    outputs = [str(work / f"rank-{rank}.json") for rank in range(world_size)]
+    return launch(world_size, [__file__, str(spec), "{out}"], work, outputs)
 
 
 def wait_ranks(

@@ -237,6 +237,43 @@ def test_safetensors_export_is_a_committed_model_folder(
     assert json.loads(storage.read_bytes("global_step_3/config.json")) == {"model_type": "toy"}
 
 
+# -- the documented FSDP2 example --------------------------------------------------------------
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "dcp_fsdp2.py"
+
+
+def test_dcp_page_embeds_the_example_that_runs() -> None:
+    page = (EXAMPLE.parent.parent / "dcp.md").read_text()
+    assert f"```python\n{EXAMPLE.read_text().rstrip()}\n```" in page
+
+
+def test_fsdp2_example_commits_exports_and_resumes(
+    local_checkpoint_root: CheckpointRoot, tmp_path: Path
+) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    root = local_checkpoint_root
+    for run, last in ((1, 4), (2, 8)):
+        work = tmp_path / f"run-{run}"
+        ranks = dcp_ranks.wait_ranks(dcp_ranks.launch(2, [str(EXAMPLE), root.url], work), work)
+        assert ranks.returncodes == [0, 0], ranks.logs
+        assert root.committed_steps() == {"state_dict": last, "checkpoint": last}
+    for step in (2, 4, 6, 8):
+        report = root.verify(step, "checkpoint")
+        assert report.ok and report.files == 5  # weights, config, two ranks' parts, .metadata
+    weights = safetensors_torch.load_file(os.path.join(root.url, "global_step_8/model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "0.weight": (32, 16),
+        "0.bias": (32,),
+        "2.weight": (4, 32),
+        "2.bias": (4,),
+    }
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cdcp.load(state, root.url) == 8  # the latest checkpoint, in one process
+    assert all(torch.equal(state["model"][k], v) for k, v in weights.items())
+
+
 # -- one process: the storage classes themselves ------------------------------------------------
 def _coordinator(root: CheckpointRoot) -> CheckpointCoordinator:
     return CheckpointCoordinator(root.monitor())

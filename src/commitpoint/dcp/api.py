@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
+import torch.distributed as dist
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
@@ -137,8 +138,22 @@ def _join_dtensors(value: Any, originals: list[Any]) -> Any:
     return value
 
 
-_SHARED_STAGER: list[Stager] = []
 _SHARED_STAGER_LOCK = threading.Lock()
+_BACKGROUND_GROUP: list[Any] = []
+
+
+def _background_group() -> Any:
+    """A gloo group of all ranks for background saves (made once; every rank calls
+    :func:`async_save` at the same point, so they create it together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    with _SHARED_STAGER_LOCK:
+        if not _BACKGROUND_GROUP:
+            _BACKGROUND_GROUP.append(dist.new_group(backend="gloo"))
+        return _BACKGROUND_GROUP[0]
+
+
+_SHARED_STAGER: list[Stager] = []
 
 
 def _stager_of(coordinator: CheckpointCoordinator | StorageBackend) -> Stager:
@@ -164,10 +179,13 @@ def async_save(
 
     When this returns, the tensors may be changed (the copy is done): the training stall is
     that copy only. The future raises :class:`SaveFailed` on every rank if the step was
-    refused (decided before any rank writes) or failed. Collectives run on ``process_group``
-    from the background thread: give a separate gloo group if training runs collectives on the
-    default one meanwhile.
+    refused (decided before any rank writes) or failed. The save's collectives run on the
+    background thread, so they must not share a group with the training loop's (FSDP's
+    all-gathers): with ``process_group=None`` a gloo group of all ranks is made once, on the
+    first call, and used for every async save of this process.
     """
+    if process_group is None:
+        process_group = _background_group()
     writer = StorageWriter(coordinator, global_step, is_state_dict=is_state_dict)
     plain = _stateful_to_state_dict(state_dict)
     dtensors: list[Any] = []
@@ -193,6 +211,29 @@ def async_save(
     return future
 
 
+def _agreed_latest(
+    url: str | CheckpointReader | StorageBackend,
+    kind: Kind | str,
+    storage_options: Mapping[str, Any],
+    process_group: Any,
+) -> int:
+    """The latest committed step as rank 0 of the group read it, on every rank: a commit landing
+    while the ranks resolve "latest" must not make them load shards of different steps."""
+    found: int | BaseException
+    try:
+        found = StorageReader(url, None, kind=kind, **storage_options).global_step
+    except Exception as exc:
+        found = exc
+    if dist.is_available() and dist.is_initialized():
+        shared: list[int | BaseException] = [found]
+        source = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+        dist.broadcast_object_list(shared, src=source, group=process_group)
+        found = shared[0]
+    if isinstance(found, BaseException):
+        raise found
+    return found
+
+
 # -- load ---------------------------------------------------------------------------------------
 def load(
     state_dict: dict[str, Any],
@@ -207,6 +248,8 @@ def load(
     ``global_step=None`` loads the latest committed step of ``kind``. Every byte read is
     verified against the manifest first; a mismatch raises :class:`CorruptCheckpoint` on every
     rank. Returns the step loaded."""
+    if global_step is None:
+        global_step = _agreed_latest(url, kind, storage_options, process_group)
     reader = StorageReader(url, global_step, kind=kind, **storage_options)
     step = reader.global_step
     reader.read_metadata()  # a bad manifest or metadata raises here, typed, on each rank

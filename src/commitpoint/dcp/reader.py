@@ -111,7 +111,9 @@ class StorageReader(_DcpStorageReader):
     """Reads the DCP checkpoint committed as ``global_step`` under ``url_or_reader``.
 
     ``global_step=None`` reads the latest committed step of ``kind`` (full checkpoint by
-    default; ``kind="state_dict"`` for the newest weights).
+    default; ``kind="state_dict"`` for the newest weights), resolved once per reader. Used
+    directly with several ranks, give every rank the same step: :func:`commitpoint.dcp.load`
+    does that for you (rank 0 resolves "latest" and tells the others).
     """
 
     def __init__(
