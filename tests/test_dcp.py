@@ -356,3 +356,29 @@ def test_single_process_refusal_is_typed(memory_checkpoint_root: CheckpointRoot)
         out = {"w": torch.zeros(4)}
         cdcp.load(out, memory_checkpoint_root.url)
     assert torch.equal(out["w"], torch.ones(4))
+
+
+def test_single_process_export_and_bad_inputs(memory_checkpoint_root: CheckpointRoot) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    root = memory_checkpoint_root
+    coordinator = _coordinator(root)
+    weights = {
+        "embed": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4),
+        "flag": torch.tensor([True, False]),
+        "scale": torch.tensor(0.5),
+    }
+    with pytest.raises(InvalidArgument, match="tensors only"):
+        cdcp.export_safetensors({"w": torch.ones(2), "n": 3}, coordinator, 1)  # type: ignore[dict-item]
+    with pytest.raises(InvalidArgument):
+        cdcp.export_safetensors(weights, coordinator, 1, filename="../escape.safetensors")
+    assert root.list_files("global_step_1") == []  # refused before writing
+    cdcp.export_safetensors(weights, coordinator, 1, metadata={"source": "test"})
+    assert root.committed_steps() == {"state_dict": 1, "checkpoint": None}
+    data = root.open().read_bytes("global_step_1/model.safetensors")
+    loaded = safetensors_torch.load(data)
+    assert loaded.keys() == weights.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    with pytest.raises(SaveFailed) as refused:
+        cdcp.export_safetensors(weights, coordinator, 1)
+    assert isinstance(refused.value.cause, StepRegression)
+    assert root.open().read_bytes("global_step_1/model.safetensors") == data
