@@ -138,14 +138,11 @@ def test_resharding_between_2_4_and_1_ranks(
 
 
 # -- failures ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("killed", [1, 0], ids=["other-rank", "coordinator-rank"])
-def test_sigkill_of_a_rank_mid_save_commits_nothing_and_hangs_nothing(
-    local_checkpoint_root: CheckpointRoot, tmp_path: Path, killed: int
-) -> None:
-    root = local_checkpoint_root
-    work = tmp_path / "killed"
+def _kill_mid_save(root: CheckpointRoot, work: Path, killed: int) -> None:
+    """Start a 2-rank save whose rank ``killed`` stalls after its first write, SIGKILL that
+    rank there, and check that the other one exits (no hang) and nothing is committed."""
     actions = [{"op": "stall", "rank": killed}, {"op": "save", "step": 1, "seed": 1}]
-    processes = dcp_ranks.start_ranks(2, root.url, {}, actions, work)
+    processes = dcp_ranks.start_ranks(2, root.url, root.storage_options, actions, work)
     marker = work / f"stalled-{killed}"
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:
@@ -161,13 +158,22 @@ def test_sigkill_of_a_rank_mid_save_commits_nothing_and_hangs_nothing(
     assert root.committed_steps() == {"state_dict": None, "checkpoint": None}
     assert not root.open().exists("global_step_1/.commitpoint-manifest.checkpoint.json")
 
-    if killed == 0:
-        return
+
+def test_sigkill_of_a_rank_mid_save_commits_nothing_and_hangs_nothing(
+    checkpoint_root: CheckpointRoot, tmp_path: Path
+) -> None:
+    _kill_mid_save(checkpoint_root, tmp_path / "killed", killed=1)
     # A restarted job saves the same step: it commits and verifies despite the leftovers.
-    reports = _run(root, 2, [{"op": "save", "step": 1, "seed": 2}], tmp_path / "retry")
+    reports = _run(checkpoint_root, 2, [{"op": "save", "step": 1, "seed": 2}], tmp_path / "retry")
     assert all(r[0]["ok"] for r in reports)
-    assert root.committed_steps()["checkpoint"] == 1
-    assert root.verify(1, "checkpoint").ok
+    assert checkpoint_root.committed_steps()["checkpoint"] == 1
+    assert checkpoint_root.verify(1, "checkpoint").ok
+
+
+def test_sigkill_of_the_coordinator_rank_mid_save(
+    local_checkpoint_root: CheckpointRoot, tmp_path: Path
+) -> None:
+    _kill_mid_save(local_checkpoint_root, tmp_path, killed=0)
 
 
 def test_fenced_writer_is_refused_on_every_rank_before_any_write(
@@ -382,3 +388,38 @@ def test_single_process_export_and_bad_inputs(memory_checkpoint_root: Checkpoint
         cdcp.export_safetensors(weights, coordinator, 1)
     assert isinstance(refused.value.cause, StepRegression)
     assert root.open().read_bytes("global_step_1/model.safetensors") == data
+
+
+def test_benchmark_smoke_run_writes_its_rows(tmp_path: Path) -> None:
+    """``benchmarks/dcp_throughput.py`` end to end at a tiny size, local root only (no timing
+    is asserted: figures go to docs/benchmarks.md)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(
+        os.environ,
+        COMMITPOINT_BENCH_RESULTS=str(tmp_path / "results"),
+        COMMITPOINT_BENCH_SCRATCH=str(tmp_path / "scratch"),
+        PYTHONPATH=str(repo),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.dcp_throughput", "--quick", "--sizes", "2M"]
+        + ["--backends", "local"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads((tmp_path / "results" / "dcp_throughput.json").read_text())
+    assert {(r["case"], r["method"]) for r in rows} == {
+        ("2 MiB, local", "commitpoint.dcp.save (checksums + commit)"),
+        ("2 MiB, local", "DCP FileSystemWriter"),
+        ("2 MiB, async stall", "commitpoint.dcp.async_save"),
+        ("2 MiB, async stall", "DCP async_save (FileSystemWriter)"),
+    }
+    for r in rows:
+        assert r["runs"] == 2 and r["min"] <= r["median"] <= r["max"]
+        if r["method"].startswith("commitpoint"):
+            assert {"ratio", "goal", "met"} <= set(r)
