@@ -402,9 +402,9 @@ def test_benchmark_smoke_run_writes_its_rows(tmp_path: Path) -> None:
         COMMITPOINT_BENCH_SCRATCH=str(tmp_path / "scratch"),
         PYTHONPATH=str(repo),
     )
+    command = ["-m", "benchmarks.dcp_throughput", "--quick", "--sizes", "2M", "--backends", "local"]
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.dcp_throughput", "--quick", "--sizes", "2M"]
-        + ["--backends", "local"],
+        [sys.executable, *command],
         cwd=repo,
         env=env,
         capture_output=True,
