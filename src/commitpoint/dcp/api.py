@@ -31,7 +31,7 @@ from commitpoint.save.staging import Stager
 from commitpoint.storage.protocol import StorageBackend
 
 
-def rank_failure(exc: CheckpointException) -> BaseException:
+def _rank_failure(exc: CheckpointException) -> BaseException:
     """The exception behind a DCP collective failure: a commitpoint error if any rank raised
     one (lowest rank first), else the lowest rank's exception."""
     failures = sorted(exc.failures.items())
@@ -55,25 +55,16 @@ def _run_save(state_dict: Mapping[str, Any], writer: StorageWriter, process_grou
         )
         return metadata
     except CheckpointException as exc:
-        cause = rank_failure(exc)
+        cause = _rank_failure(exc)
         writer.abandon(cause)
-        failure = (
-            cause
-            if isinstance(cause, SaveFailed)
-            else SaveFailed(
-                writer.global_step,
-                SAVE_NAME,
-                cause if isinstance(cause, Exception) else exc_of(cause),
-            )
-        )
-        raise failure from exc
-    except Exception as exc:
+        if isinstance(cause, SaveFailed):
+            raise cause from exc
+        if not isinstance(cause, Exception):  # a rank was interrupted: report it as such
+            cause = RuntimeError(f"{type(cause).__name__}: {cause}")
+        raise SaveFailed(writer.global_step, SAVE_NAME, cause) from exc
+    except Exception as exc:  # a local error before or after DCP's collectives
         writer.abandon(exc)
         raise SaveFailed(writer.global_step, SAVE_NAME, exc) from exc
-
-
-def exc_of(error: BaseException) -> Exception:
-    return error if isinstance(error, Exception) else RuntimeError(repr(error))
 
 
 def save(
@@ -256,7 +247,7 @@ def load(
     try:
         state_dict_loader.load(state_dict, storage_reader=reader, process_group=process_group)
     except CheckpointException as exc:
-        cause = rank_failure(exc)
+        cause = _rank_failure(exc)
         if isinstance(cause, CommitpointError):
             raise cause from exc
         raise
