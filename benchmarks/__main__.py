@@ -44,6 +44,7 @@ MODULES = (
     "s3_throughput",
     "gcs_throughput",
     "staging_stall",
+    "dcp_throughput",
 )
 """Every benchmark module, in the order they run and appear; missing ones are skipped."""
 
@@ -54,8 +55,9 @@ OURS = {
     "monitor_scaling",
     "load_throughput",
     "staging_stall",
+    "dcp_throughput",
 }
-SIZED = {"stall", "local_throughput", "load_throughput", "staging_stall"}
+SIZED = {"stall", "local_throughput", "load_throughput", "staging_stall", "dcp_throughput"}
 PREFERRED = ("case", "method", "median", "min", "max", "unit", "runs", "ratio", "ratio_to")
 
 
