@@ -43,7 +43,7 @@ def test_both_algorithms_are_always_available_and_new_files_use_crc32c() -> None
 
 
 def test_unknown_algorithm_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="'md5' is not known.*crc32c"):
+    with pytest.raises(ValueError, match=r"'md5' is not known.*crc32c"):
         Checksum("md5")
 
 
