@@ -34,7 +34,7 @@ def _start_quiet_server() -> tuple[Any, threading.Thread, str]:
     )
     from werkzeug.serving import make_server
 
-    class QuietHandler(MotoRequestHandler):  # type: ignore[misc]
+    class QuietHandler(MotoRequestHandler):
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             pass
 
