@@ -77,7 +77,11 @@ class BackendConformance:
 
     # -- files ------------------------------------------------------------------------------
     def test_streaming_write_records_size_and_checksum(self, storage: StorageBackend) -> None:
-        chunks = [b"a" * 1000, bytearray(b"b" * 5000), memoryview(b"c" * 3)]
+        chunks: list[bytes | bytearray | memoryview] = [
+            b"a" * 1000,
+            bytearray(b"b" * 5000),
+            memoryview(b"c" * 3),
+        ]
         with storage.open_write("global_step_1/model.bin") as writer:
             for chunk in chunks:
                 writer.write(chunk)
