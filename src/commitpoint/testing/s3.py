@@ -20,7 +20,7 @@ from commitpoint.testing import (
     unique_name,
 )
 
-EXTRA = "commitpoint-s3[testing]"
+EXTRA = "./backends/s3[testing]"  # the plug-in and moto, from commitpoint's repository
 _lock = threading.Lock()
 _server: dict[str, Any] = {}
 
