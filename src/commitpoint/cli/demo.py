@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"commitpoint demo: {message}\n")
         sys.stderr.write(
             f"commitpoint demo: inspect the root with `commitpoint ls {args.storage}`; "
-            f"`commitpoint rewind {args.storage} --to STEP` moves its pointers back to a good step\n"
+            f"`commitpoint rewind {args.storage} --to STEP` moves its pointers back to a step "
+            "that verifies\n"
         )
         return 1
 

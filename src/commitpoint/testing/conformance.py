@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 
 import pytest
 
-from commitpoint.checksum import Checksum
+from commitpoint.core.checksum import Checksum
+from commitpoint.core.pointer import Advance, advance_pointer, rewind_pointer
 from commitpoint.errors import CommitConflict, CorruptCheckpoint, InvalidName, StepRegression
-from commitpoint.pointer import Advance, advance_pointer, rewind_pointer
 from commitpoint.storage.protocol import PointerState, StorageBackend
 from commitpoint.storage.registry import available_schemes, open_storage, scheme_of
 from commitpoint.testing import CheckpointRoot
