@@ -257,9 +257,11 @@ def test_a_missing_bucket_is_a_clear_storage_error_at_once(
     root: CheckpointRoot = request.getfixturevalue(f"{backend}_checkpoint_root")
     scheme = root.url.split("://", 1)[0]
     missing = f"{scheme}://commitpoint-no-such-bucket-{backend}/run"
-    with caplog.at_level(logging.WARNING):
-        with pytest.raises(StorageNotFound, match="commitpoint-no-such-bucket") as caught:
-            CheckpointMonitor(missing, root.storage_options)
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(StorageNotFound, match="commitpoint-no-such-bucket") as caught,
+    ):
+        CheckpointMonitor(missing, root.storage_options)
     assert [r.getMessage() for r in caplog.records if "retry" in r.getMessage().lower()] == []
     assert isinstance(caught.value, FileNotFoundError)
     text = str(caught.value)
