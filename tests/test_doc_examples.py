@@ -191,3 +191,20 @@ def test_example_runs(
                     value.close()
     if block.page == "README.md":
         assert names["step"] == 600
+
+
+def test_pages_cite_only_files_the_repository_has() -> None:
+    cited = re.compile(r"`((?:[\w.-]+/)*[\w.-]+\.(?:md|py|toml|txt))`|\]\(([^)#:]+\.md)\)")
+    outside = ("pyproject.toml", "tests/test_conformance.py")  # the page's own package files
+    missing = []
+    for page in PAGES:
+        for match in cited.finditer(page.read_text()):
+            name = match.group(1) or match.group(2)
+            if ("/" not in name and not name.endswith(".md")) or name in outside:
+                continue
+            if name.startswith(("commitpoint-dir/", "src/commitpoint_dir/")):
+                continue
+            bases = [page.parent, REPO, REPO / "docs", REPO / "src" / "commitpoint"]
+            if not any((base / name).exists() for base in bases):
+                missing.append(f"{page.relative_to(REPO)}: {name}")
+    assert missing == []
