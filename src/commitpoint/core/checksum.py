@@ -42,7 +42,7 @@ _TABLE = _table()
 
 
 def crc32c_python(crc: int, data: _Data) -> int:
-    """CRC32C in pure Python (about 10 MB/s): the last resort, so verification never fails."""
+    """CRC32C in pure Python (some MB/s): the last resort, so verification never fails."""
     table = _TABLE
     crc = ~crc & 0xFFFFFFFF
     for byte in bytes(data):
