@@ -49,11 +49,12 @@ def test_docs_install_only_what_the_repository_holds() -> None:
             assert extra in declared, f"{page.name}: {arg} names an extra {folder} does not have"
 
 
-def test_no_page_names_a_registry_package_that_does_not_exist() -> None:
+def test_no_page_or_message_names_a_registry_package_that_does_not_exist() -> None:
     pattern = re.compile(r"pip install '?(commitpoint(-s3|-gcs)?)\b(?!-dir)")
+    sources = [*(REPO / "src").rglob("*.py"), *(REPO / "backends").rglob("*.py")]
     offenders = [
         f"{page.relative_to(REPO)}: {line.strip()}"
-        for page in PAGES
+        for page in [*PAGES, *sources]
         for line in page.read_text().splitlines()
         if pattern.search(line)
     ]
@@ -123,3 +124,20 @@ def test_run_commitpoint_runs_the_cli_in_the_callers_folder(tmp_path: Path) -> N
     done = _run("cli", "verify", "ckpt", cwd=elsewhere, venv=sys.prefix)
     assert done.returncode == 0, done.stderr
     assert "step 2 (state_dict)" in done.stdout
+
+
+def test_loading_without_torch_says_how_to_get_it(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from commitpoint import CheckpointReader\n"
+        "try:\n"
+        "    CheckpointReader(sys.argv[1]).load(1, 'model.pt', verify=False)\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert "`pip install torch`" in done.stdout, done.stdout + done.stderr
+    assert "pip install './[torch]'" in done.stdout
