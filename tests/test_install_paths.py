@@ -141,3 +141,31 @@ def test_loading_without_torch_says_how_to_get_it(tmp_path: Path) -> None:
     )
     assert "`pip install torch`" in done.stdout, done.stdout + done.stderr
     assert "pip install './[torch]'" in done.stdout
+
+
+def test_install_progress_shows_what_pip_does_and_logs_all_of_it(tmp_path: Path) -> None:
+    pip_says = [
+        "Obtaining file:///repo",
+        *(f"Collecting package{i}>=1 (from commitpoint==0.1.0)" for i in range(30)),
+        "  Downloading torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl (190.2 MB)",
+        "  Downloading small-1.0-py3-none-any.whl (12 kB)",
+        "Building wheels for collected packages: commitpoint, commitpoint-s3",
+        "Installing collected packages: small, torch, ray",
+        "Successfully installed ray-2.60.0 small-1.0 torch-2.13.0",
+    ]
+    log = tmp_path / "install.log"
+    script = f'source <(sed -n "/^show_progress() {{/,/^}}/p" {REPO / "run"}); show_progress {log}'
+    done = subprocess.run(
+        ["bash", "-c", script], input="\n".join(pip_says) + "\n", capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines() == pip_says
+    shown = [re.sub(r"^run: \[ *\d+s\] ", "", line) for line in done.stderr.splitlines()]
+    assert shown == [
+        "resolving: 25 packages so far (package23>=1)",
+        "downloading torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl (190.2 MB)",
+        "Building wheels for collected packages: commitpoint, commitpoint-s3",
+        "installing 3 packages (unpacking PyTorch and Ray takes a minute or so)",
+        "installed",
+    ]
