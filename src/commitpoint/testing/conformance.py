@@ -102,19 +102,19 @@ class BackendConformance:
         storage.write_bytes("global_step_2/sub/b.bin", b"22")
         storage.write_bytes("global_step_3/c.bin", b"333")
         storage.write_bytes("global_step_2/untracked.json", b"{}", track=False)
-        taken = storage.take_records("global_step_2")
+        taken = storage.records.take("global_step_2")
         assert [(r.path, r.size) for r in taken] == [
             ("global_step_2/a.bin", 1),
             ("global_step_2/sub/b.bin", 2),
         ]
-        assert storage.take_records("global_step_2") == []
-        assert [r.path for r in storage.take_records("global_step_3")] == ["global_step_3/c.bin"]
+        assert storage.records.take("global_step_2") == []
+        assert [r.path for r in storage.records.take("global_step_3")] == ["global_step_3/c.bin"]
 
     def test_failed_write_leaves_no_record(self, storage: StorageBackend) -> None:
         with pytest.raises(RuntimeError), storage.open_write("global_step_4/x.bin") as writer:
             writer.write(b"partial")
             raise RuntimeError("save function broke")
-        assert storage.take_records("global_step_4") == []
+        assert storage.records.take("global_step_4") == []
 
     def test_list_exists_delete(self, storage: StorageBackend) -> None:
         storage.write_bytes("global_step_5/a.bin", b"12345")

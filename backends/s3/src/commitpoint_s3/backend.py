@@ -21,7 +21,6 @@ from commitpoint.core.layout import safe_relpath
 from commitpoint.core.retry import DeadlineExceeded, retry
 from commitpoint.errors import (
     CommitConflict,
-    StorageError,
     StorageNotFound,
     StoragePermissionError,
     map_errors,
