@@ -4,6 +4,7 @@ below keeps the two in step."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from commitpoint import (
     InvalidArgument,
     InvalidName,
     InvalidStep,
+    NotFound,
     StepRegression,
     StorageError,
+    StorageNotFound,
     save_torch,
 )
 from commitpoint.errors import CommitpointError, SaveFailed
@@ -159,10 +162,14 @@ CASES = [
          lambda c: rewind(c.storage, "state_dict", 1_000), InvalidArgument,
          "rewind only moves back"),
     Case("rewind", "a step that was never committed",
-         lambda c: rewind(c.storage, "state_dict", 0), CorruptCheckpoint, "step 0"),
+         lambda c: rewind(c.storage, "state_dict", 0), NotFound, "step 0 does not exist"),
     # -- what is on storage
-    Case("CheckpointReader.verify", "a step with no manifest (never committed)",
-         lambda c: c.reader.verify(99), CorruptCheckpoint, "step 99 has no state_dict manifest"),
+    Case("CheckpointReader.verify", "a step that does not exist",
+         lambda c: c.reader.verify(99), NotFound, "step 99 does not exist"),
+    Case("CheckpointReader.load", "a step that does not exist",
+         lambda c: c.reader.load(99, "model.pt"), NotFound, "step 99 does not exist"),
+    Case("CheckpointReader.load", "None (nothing committed yet)",
+         lambda c: c.reader.load(None, "model.pt"), InvalidStep, "step is None, not a step"),
     Case("CheckpointReader.load", "a file the manifest does not list",
          lambda c: c.reader.load(2, "other.pt"), CorruptCheckpoint, "not listed"),
 ]  # fmt: skip
@@ -244,14 +251,19 @@ def test_the_table_in_the_docs_matches_the_tests() -> None:
 
 
 @pytest.mark.parametrize("backend", ["s3", "gcs"])
-def test_a_missing_bucket_is_a_clear_storage_error(
-    backend: str, request: pytest.FixtureRequest
+def test_a_missing_bucket_is_a_clear_storage_error_at_once(
+    backend: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
     root: CheckpointRoot = request.getfixturevalue(f"{backend}_checkpoint_root")
     scheme = root.url.split("://", 1)[0]
     missing = f"{scheme}://commitpoint-no-such-bucket-{backend}/run"
-    with pytest.raises(StorageError, match="commitpoint-no-such-bucket") as caught:
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(StorageNotFound, match="commitpoint-no-such-bucket") as caught,
+    ):
         CheckpointMonitor(missing, root.storage_options)
+    assert [r.getMessage() for r in caplog.records if "retry" in r.getMessage().lower()] == []
+    assert isinstance(caught.value, FileNotFoundError)
     text = str(caught.value)
     assert "testing" not in text.replace("commitpoint", "")  # no key or secret in the message
     with pytest.raises(StorageError, match="commitpoint-no-such-bucket"):

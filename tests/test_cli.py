@@ -134,7 +134,7 @@ def test_gc_dry_run_then_for_real(trained: CheckpointRoot) -> None:
     assert code == OK
     assert out.splitlines()[:3] == [
         "would delete steps: 1 2 4",
-        "would delete orphans: (none)",
+        "would delete uncommitted folders: (none)",
         "kept steps: 3 5 6",
     ]
     assert len(trained.list_files("global_step_1")) == 2  # file + manifest, untouched
@@ -158,7 +158,9 @@ def test_rewind(trained: CheckpointRoot) -> None:
     code, _, err = run("rewind", trained.url, "--to", "2", "--kind", "checkpoint")
     assert code == CORRUPT and "no checkpoint manifest" in err
     code, _, err = run("rewind", trained.url, "--to", "2", "--kind", "state_dict", "--expect", "9")
-    assert code == STORAGE and "expected step 9" in err
+    assert code == STORAGE
+    assert "the state_dict pointer names step 3, not step 9 as expected; nothing was moved" in err
+    assert "changed since it was read" not in err
     assert trained.committed_steps() == {"state_dict": 3, "checkpoint": 3}
 
 
@@ -239,7 +241,7 @@ def test_demo_is_delegated(tmp_path: Any, capsys: pytest.CaptureFixture[str]) ->
     assert main(["demo", "--storage", str(tmp_path / "d"), "--steps", "0"]) == USAGE
     code = main(["demo", "--storage", str(tmp_path / "d"), "--steps", "10", "--hidden", "8"])
     assert code == OK
-    assert "restored weights and optimizer state equal" in capsys.readouterr().out
+    assert "loaded from step 10 equal the saved ones" in capsys.readouterr().out
 
 
 class _Terminal(io.StringIO):
@@ -291,3 +293,49 @@ def test_a_structured_option_must_be_valid_json(root: CheckpointRoot) -> None:
     code, _, err = run("ls", root.url, "--option", "client_kwargs={not json")
     assert code == USAGE
     assert "client_kwargs" in err and "not valid JSON" in err
+
+
+def test_gc_names_uncommitted_folders_as_folders(trained: CheckpointRoot) -> None:
+    trained.open().write_bytes("global_step_3/stray.bin", b"x")  # inside a committed step: kept
+    trained.open().write_bytes("global_step_0/partial.bin", b"x")  # a save that never committed
+    code, out, _ = run("gc", trained.url, "--orphan-min-age", "0", "--dry-run")
+    assert code == OK
+    assert "would delete uncommitted folders: global_step_0" in out.splitlines()
+
+
+class _ClosedPipe(io.StringIO):
+    """stdout whose reader has gone away, as after ``| head -1``."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("json_flag", [(), ("--json",)], ids=["text", "json"])
+def test_a_reader_that_stops_early_is_not_an_error(
+    trained: CheckpointRoot, json_flag: tuple[str, ...]
+) -> None:
+    err = io.StringIO()
+    code = main(["ls", trained.url, *json_flag], stdout=_ClosedPipe(), stderr=err)
+    assert code == OK
+    assert err.getvalue() == ""
+
+
+def test_ls_into_head_exits_cleanly(local_checkpoint_root: CheckpointRoot) -> None:
+    import fcntl
+
+    coordinator = CheckpointCoordinator(local_checkpoint_root.monitor())
+    for step in range(1, 31):
+        commit_step(coordinator, step)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # smaller than the output: the writer waits
+    process = subprocess.Popen(
+        [sys.executable, "-m", "commitpoint", "ls", local_checkpoint_root.url, "--json"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.readline() == b"{\n"  # what `head -1` reads before it exits
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == OK, stderr
+    assert stderr == b""

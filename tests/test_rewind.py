@@ -13,12 +13,12 @@ import pytest
 from commitpoint import (
     CheckpointCoordinator,
     CheckpointMonitor,
-    CommitConflict,
     CorruptCheckpoint,
     InvalidArgument,
     Kind,
     SaveFailed,
     StepRegression,
+    UnexpectedStep,
 )
 from commitpoint.core.manifest import manifest_path
 from commitpoint.core.pointer import advance_pointer
@@ -122,7 +122,7 @@ def test_both_needs_a_full_checkpoint_at_the_target(trained: CheckpointRoot) -> 
 
 
 def test_expected_current_is_compare_and_swap(trained: CheckpointRoot) -> None:
-    with pytest.raises(CommitConflict, match="expected step 9"):
+    with pytest.raises(UnexpectedStep, match="names step 10, not step 9 as expected"):
         rewind(trained.open(), Kind.STATE_DICT, 5, expected_current=9)
     assert trained.committed_steps()["state_dict"] == 10
 

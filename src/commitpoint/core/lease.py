@@ -23,7 +23,12 @@ from collections.abc import Iterable
 from commitpoint.core.layout import WRITER_EPOCH
 from commitpoint.core.pointer import bump_counter, rewrite_pointer
 from commitpoint.core.retry import RetryPolicy, retry
-from commitpoint.errors import StorageError, WriterFenced
+from commitpoint.errors import (
+    StorageError,
+    StorageNotFound,
+    StoragePermissionError,
+    WriterFenced,
+)
 from commitpoint.storage.protocol import StorageBackend
 
 logger = logging.getLogger(__name__)
@@ -32,6 +37,13 @@ logger = logging.getLogger(__name__)
 LEASE_RETRY = RetryPolicy(attempts=4, base_delay=0.1, max_delay=1.0, full_jitter=True)
 """Transient storage errors while taking the lease are retried: an increment that landed but was
 reported as failed only skips an epoch number, and a seal only rewrites a value that is there."""
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """A storage error may pass; a missing bucket or a refusal of the credentials will not."""
+    return isinstance(exc, StorageError) and not isinstance(
+        exc, StoragePermissionError | StorageNotFound
+    )
 
 
 class WriterLease:
@@ -45,14 +57,14 @@ class WriterLease:
         self.epoch = retry(
             functools.partial(bump_counter, storage, WRITER_EPOCH),
             policy,
-            retry_on=(StorageError,),
+            retry_on=_worth_retrying,
             what=f"taking the writer lease of {storage.url}",
         )
         for name in seal:
             retry(
                 functools.partial(rewrite_pointer, storage, name),
                 policy,
-                retry_on=(StorageError,),
+                retry_on=_worth_retrying,
                 what=f"sealing {storage.url_for(name)}",
             )
         logger.info("took writer epoch %d of %s", self.epoch, storage.url)

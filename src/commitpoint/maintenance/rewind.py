@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from commitpoint.core.layout import REWIND_HISTORY, Kind, check_step
 from commitpoint.core.pointer import rewind_pointer
-from commitpoint.errors import CommitConflict, CorruptCheckpoint, InvalidArgument
+from commitpoint.errors import CommitConflict, CorruptCheckpoint, InvalidArgument, UnexpectedStep
 from commitpoint.read.verify import verify_step
 from commitpoint.storage.local import LocalBackend
 from commitpoint.storage.protocol import StorageBackend
@@ -100,9 +100,8 @@ def rewind(
     for kind in kinds:
         current = storage.read_pointer(kind.pointer).value
         if expected_current is not None and current != expected_current:
-            raise CommitConflict(
-                storage.url_for(kind.pointer),
-                f"expected step {expected_current}, pointer names {current}",
+            raise UnexpectedStep(
+                storage.url_for(kind.pointer), kind.value, expected_current, current
             )
         if current is None:
             if kind_or_both == BOTH:

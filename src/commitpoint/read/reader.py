@@ -6,18 +6,21 @@ half-written checkpoint. Loads verify the file against the step's manifest by de
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from commitpoint.core.layout import Kind, check_step, safe_relpath, step_dir
-from commitpoint.core.manifest import Manifest
-from commitpoint.errors import InvalidArgument
+from commitpoint.core.layout import Kind, check_step, parse_step_dir, safe_relpath, step_dir
+from commitpoint.core.manifest import Manifest, read_manifest_for
+from commitpoint.errors import CorruptCheckpoint, InvalidArgument, InvalidStep, NotFound
 from commitpoint.read.verify import VerifyReport, load_manifest, verify_file, verify_step
-from commitpoint.read.watch import awatch, watch
+from commitpoint.read.watch import StopSignal, awatch, watch
 from commitpoint.save.torch_io import load_torch
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.storage.registry import open_storage
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointReader:
@@ -45,6 +48,54 @@ class CheckpointReader:
         """Newest step with complete weights, or None."""
         return self.latest_step(Kind.STATE_DICT)
 
+    def latest_verified_step(self, kind: Kind | str = Kind.STATE_DICT) -> int | None:
+        """The newest committed step of ``kind`` whose files all match their manifest, or None.
+
+        Starts at the step the pointer names and goes back through older committed steps (those
+        with a manifest covering ``kind``) until one verifies. Each step that does not verify is
+        logged with the reason and the ``commitpoint rewind`` command that moves the pointers
+        back past it. It reads every file of each step it checks, so a load after it reads the
+        files a second time.
+        """
+        kind = Kind(kind)
+        latest = self.latest_step(kind)
+        if latest is None:
+            return None
+        older = sorted(
+            (s for name in self.storage.list_dirs("") if (s := parse_step_dir(name)) is not None),
+            reverse=True,
+        )
+        candidates = [latest, *(s for s in older if s < latest)]
+        for step in candidates:
+            if step != latest and read_manifest_for(self.storage, step, kind) is None:
+                continue  # never committed as this kind: not a candidate
+            try:
+                report = verify_step(self.storage, step, kind)
+                problems = "; ".join(map(str, report.problems))
+            except (CorruptCheckpoint, NotFound) as exc:
+                problems = str(exc)
+            if not problems:
+                if step != latest:
+                    logger.warning(
+                        "using step %d of %s, the newest %s that verifies; "
+                        "`commitpoint rewind %s --to %d` moves the pointers back to it",
+                        step, self.url, kind.value, self.url, step,
+                    )
+                return step
+            logger.warning(
+                "step %d (%s) of %s does not verify: %s", step, kind.value, self.url, problems
+            )
+        return None
+
+    def _step(self, step: object, kind: Kind) -> int:
+        if step is None:
+            latest = f"latest_{'checkpoint' if kind is Kind.CHECKPOINT else 'state_dict'}_step()"
+            raise InvalidStep(
+                f"step is None, not a step: is anything committed as {kind.value} under "
+                f"{self.url}? ({latest} returns None when nothing is)"
+            )
+        return check_step(step)
+
     def step_dir(self, step: int) -> str:
         return step_dir(check_step(step))
 
@@ -54,11 +105,13 @@ class CheckpointReader:
 
     def manifest(self, step: int, kind: Kind | str = Kind.STATE_DICT) -> Manifest:
         """The manifest covering ``step`` for ``kind`` (CorruptCheckpoint if there is none)."""
-        return load_manifest(self.storage, check_step(step), Kind(kind))
+        kind = Kind(kind)
+        return load_manifest(self.storage, self._step(step, kind), kind)
 
     def verify(self, step: int, kind: Kind | str = Kind.STATE_DICT) -> VerifyReport:
         """Check every file of ``step`` against its manifest and report all problems."""
-        return verify_step(self.storage, check_step(step), Kind(kind))
+        kind = Kind(kind)
+        return verify_step(self.storage, self._step(step, kind), kind)
 
     def path_in_step(self, step: int, relpath: str) -> str:
         return f"{self.step_dir(step)}/{safe_relpath(relpath)}"
@@ -81,8 +134,9 @@ class CheckpointReader:
         its result is dropped if the check fails. With ``weights_only=False`` the file is verified
         completely before a single byte is unpickled.
         """
-        path = self.path_in_step(step, relpath)
         kind = Kind(kind)
+        step = self._step(step, kind)
+        path = self.path_in_step(step, relpath)
         if not verify:
             return self._load(path, map_location, weights_only)
         if not weights_only:
@@ -101,12 +155,51 @@ class CheckpointReader:
     def _load(self, path: str, map_location: Any, weights_only: bool) -> Any:
         return load_torch(self.storage, path, map_location=map_location, weights_only=weights_only)
 
-    def watch(self, **options: Any) -> Iterator[int]:
-        """Yield each newly committed, verified step (options as for
-        :func:`~commitpoint.read.watch.watch`: kind, after, include_current, every_step, interval,
-        stop, timeout...)."""
-        return watch(self.storage, **options)
+    def watch(
+        self,
+        *,
+        kind: Kind | str = Kind.STATE_DICT,
+        after: int | None = None,
+        include_current: bool = True,
+        every_step: bool = False,
+        verify: bool = True,
+        interval: float = 1.0,
+        max_interval: float = 30.0,
+        backoff: float = 2.0,
+        stop: StopSignal | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[int]:
+        """Yield each newly committed, verified step of ``kind`` (docs/watch.md).
 
-    def awatch(self, **options: Any) -> AsyncIterator[int]:
-        """:meth:`watch` as an async iterator (:func:`commitpoint.read.watch.awatch`)."""
-        return awatch(self.storage, **options)
+        ``after``: None starts from the step committed now (yielded first unless
+        ``include_current`` is False), N yields steps above N. ``every_step`` yields every
+        committed step in order instead of only the newest per poll. Polls every ``interval``
+        seconds, backing off by ``backoff`` up to ``max_interval`` on errors; ends when ``stop``
+        (a threading or asyncio Event) is set or after ``timeout`` seconds.
+        """
+        return watch(
+            self.storage, kind=kind, after=after, include_current=include_current,
+            every_step=every_step, verify=verify, interval=interval, max_interval=max_interval,
+            backoff=backoff, stop=stop, timeout=timeout,
+        )  # fmt: skip
+
+    def awatch(
+        self,
+        *,
+        kind: Kind | str = Kind.STATE_DICT,
+        after: int | None = None,
+        include_current: bool = True,
+        every_step: bool = False,
+        verify: bool = True,
+        interval: float = 1.0,
+        max_interval: float = 30.0,
+        backoff: float = 2.0,
+        stop: StopSignal | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[int]:
+        """:meth:`watch` as an async iterator (the same options)."""
+        return awatch(
+            self.storage, kind=kind, after=after, include_current=include_current,
+            every_step=every_step, verify=verify, interval=interval, max_interval=max_interval,
+            backoff=backoff, stop=stop, timeout=timeout,
+        )  # fmt: skip

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from commitpoint.core.checksum import checksum_stream
 from commitpoint.core.layout import Kind, step_dir
 from commitpoint.core.manifest import Manifest, read_manifest_for
-from commitpoint.errors import CorruptCheckpoint
+from commitpoint.errors import CorruptCheckpoint, NotFound
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 
 
@@ -74,12 +74,30 @@ def check_record(storage: StorageBackend, record: FileRecord) -> Problem | None:
 
 
 def load_manifest(storage: StorageBackend, step: int, kind: Kind) -> Manifest:
+    """The manifest covering ``step`` for ``kind``.
+
+    A step that does not exist at all (no folder, and no pointer names it) raises
+    :class:`NotFound`, saying what is committed; a step with files but no manifest of ``kind``
+    raises :class:`CorruptCheckpoint`.
+    """
     manifest = read_manifest_for(storage, step, kind)
-    if manifest is None:
+    if manifest is not None:
+        return manifest
+    where = storage.url_for(step_dir(step))
+    if not storage.list_files(step_dir(step)):
+        named = {k: storage.read_pointer(k.pointer).value for k in Kind}
+        if step not in named.values():
+            committed = ", ".join(
+                f"{k.value} {'-' if v is None else v}" for k, v in named.items()
+            )
+            raise NotFound(
+                f"step {step} does not exist under {storage.url} (latest committed: {committed})"
+            )
         raise CorruptCheckpoint(
-            storage.url_for(step_dir(step)), f"step {step} has no {kind.value} manifest"
+            where, f"step {step} has no {kind.value} manifest: a pointer names it, but its folder "
+            "is empty or gone"
         )
-    return manifest
+    raise CorruptCheckpoint(where, f"step {step} has no {kind.value} manifest")
 
 
 def verify_step(

@@ -25,7 +25,10 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("torch helpers need PyTorch: pip install 'commitpoint[torch]'") from exc
+        raise ImportError(
+            "saving and loading tensors needs PyTorch: `pip install torch`, or commitpoint with "
+            "its torch extra from the repository (`pip install './[torch]'`)"
+        ) from exc
     return torch
 
 

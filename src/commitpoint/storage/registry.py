@@ -25,12 +25,15 @@ WRAPPER_GROUP = "commitpoint.wrappers"
 BackendFactory = Callable[..., StorageBackend]
 WrapperFactory = Callable[[StorageBackend, Any], StorageBackend]
 
-_INSTALL_HINTS = {
-    "s3": "install it with `pip install commitpoint-s3`",
-    "s3a": "install it with `pip install commitpoint-s3`",
-    "gs": "install it with `pip install commitpoint-gcs`",
-    "gcs": "install it with `pip install commitpoint-gcs`",
-}
+_S3_HINT = (
+    "install the commitpoint-s3 plug-in from commitpoint's repository: `pip install ./backends/s3` "
+    "(or its wheel, built by `./run wheels`)"
+)
+_GCS_HINT = (
+    "install the commitpoint-gcs plug-in from commitpoint's repository: "
+    "`pip install ./backends/gcs` (or its wheel, built by `./run wheels`)"
+)
+_INSTALL_HINTS = {"s3": _S3_HINT, "s3a": _S3_HINT, "gs": _GCS_HINT, "gcs": _GCS_HINT}
 _registered: dict[str, BackendFactory] = {}
 _wrappers: dict[str, WrapperFactory] = {}
 _lock = threading.Lock()

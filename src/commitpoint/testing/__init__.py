@@ -37,7 +37,10 @@ class MissingTestDependency(ImportError):
 
     def __init__(self, what: str, extra: str) -> None:
         self.extra = extra
-        super().__init__(f"{what} is not installed; install it with `pip install '{extra}'`")
+        super().__init__(
+            f"{what} is not installed; install it from commitpoint's repository with "
+            f"`pip install '{extra}'`"
+        )
 
 
 @dataclass(frozen=True)

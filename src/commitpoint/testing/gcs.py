@@ -28,7 +28,7 @@ from commitpoint.testing import (
     unique_name,
 )
 
-EXTRA = "commitpoint-gcs[testing]"
+EXTRA = "./backends/gcs[testing]"  # the plug-in and fake-gcs-server, from the repository
 _lock = threading.Lock()
 _server: dict[str, Any] = {}
 

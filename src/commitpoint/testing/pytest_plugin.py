@@ -1,8 +1,8 @@
 """pytest fixtures for checkpoint roots, loaded automatically when commitpoint is installed.
 
 - ``local_checkpoint_root``, ``memory_checkpoint_root``: a fresh folder / in-memory root.
-- ``s3_checkpoint_root``: a fresh bucket on a moto S3 server (needs ``commitpoint-s3[testing]``).
-- ``gcs_checkpoint_root``: a fresh bucket on fake-gcs-server (needs ``commitpoint-gcs[testing]``).
+- ``s3_checkpoint_root``: a fresh bucket on a moto S3 server (needs ``./backends/s3[testing]``).
+- ``gcs_checkpoint_root``: a fresh bucket on fake-gcs-server (needs ``./backends/gcs[testing]``).
 - ``checkpoint_root``: parametrised over local, S3 and GCS; a backend whose packages are not
   installed is skipped with the reason shown.
 - ``any_checkpoint_root``: the same plus the in-memory root (for fast checks of logic).

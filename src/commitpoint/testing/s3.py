@@ -2,13 +2,13 @@
 
 The server starts on first use on a free loopback port, is shared by the whole process, and is
 stopped by :func:`commitpoint.testing.shutdown_servers` (the pytest plugin calls it when the
-session ends; interpreter exit is the backstop).
+session ends; interpreter exit is the backstop). It logs no line per request (moto's own server
+prints an access log line for each, which buries a script's output); errors are still logged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -20,32 +20,44 @@ from commitpoint.testing import (
     unique_name,
 )
 
-EXTRA = "commitpoint-s3[testing]"
+EXTRA = "./backends/s3[testing]"  # the plug-in and moto, from commitpoint's repository
 _lock = threading.Lock()
 _server: dict[str, Any] = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _start_quiet_server() -> tuple[Any, threading.Thread, str]:
+    """moto's WSGI app on a threaded werkzeug server whose handler skips the access log."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    class QuietHandler(MotoRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            pass
+
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="moto-s3", daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.server_port}"
 
 
 def moto_endpoint() -> str:
     """URL of the shared moto S3 server, starting it if needed."""
     try:
-        from moto.server import ThreadedMotoServer
+        import moto.server  # noqa: F401 - moto[server]: the WSGI app and werkzeug
+        import werkzeug  # noqa: F401
 
         import commitpoint_s3  # noqa: F401 - the backend the roots are opened with
     except ImportError as exc:
         raise MissingTestDependency(f"moto S3 server ({exc.name})", EXTRA) from exc
     with _lock:
         if "endpoint" not in _server:
-            port = _free_port()
-            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-            server.start()
-            _server["server"] = server
-            _server["endpoint"] = f"http://127.0.0.1:{port}"
+            server, thread, endpoint = _start_quiet_server()
+            _server.update(server=server, thread=thread, endpoint=endpoint)
             register_shutdown(_stop)
         return str(_server["endpoint"])
 
@@ -53,9 +65,13 @@ def moto_endpoint() -> str:
 def _stop() -> None:
     with _lock:
         server = _server.pop("server", None)
+        thread = _server.pop("thread", None)
         _server.pop("endpoint", None)
     if server is not None:
-        server.stop()
+        server.shutdown()
+        server.server_close()
+    if thread is not None:
+        thread.join(timeout=10)
 
 
 @contextlib.contextmanager

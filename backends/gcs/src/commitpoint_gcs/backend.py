@@ -28,6 +28,7 @@ from commitpoint.errors import (
     CommitpointError,
     InvalidArgument,
     StorageError,
+    StorageNotFound,
     StoragePermissionError,
     map_errors,
 )
@@ -162,7 +163,7 @@ class GCSBackend(FsspecStorage):
         if status == 403:
             return GCSPermissionError(operation, where, "access denied (403)", status=403)
         if isinstance(exc, FileNotFoundError) and "bucket" in str(exc).lower():
-            return StorageError(operation, where, "the bucket does not exist (404)")
+            return StorageNotFound(operation, where, "the bucket does not exist (404)")
         return super()._translate_error(operation, relpath, exc)
 
     # -- pointers ---------------------------------------------------------------------------

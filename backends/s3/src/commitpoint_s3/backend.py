@@ -19,7 +19,12 @@ from fsspec.asyn import sync
 
 from commitpoint.core.layout import safe_relpath
 from commitpoint.core.retry import DeadlineExceeded, retry
-from commitpoint.errors import CommitConflict, StorageError, StoragePermissionError, map_errors
+from commitpoint.errors import (
+    CommitConflict,
+    StorageNotFound,
+    StoragePermissionError,
+    map_errors,
+)
 from commitpoint.storage.base import FsspecStorage
 from commitpoint.storage.protocol import PointerState
 from commitpoint.storage.upload import bucket_key
@@ -130,11 +135,11 @@ class S3Backend(FsspecStorage):
                 operation, where, f"{reason} ({code or status})", code=code, status=status
             )
         if code in _MISSING_BUCKET:
-            return StorageError(operation, where, f"{_MISSING_BUCKET[code]} ({code})")
+            return StorageNotFound(operation, where, f"{_MISSING_BUCKET[code]} ({code})")
         if isinstance(exc, PermissionError):
             return S3PermissionError(operation, where, "access denied or bad credentials")
         if isinstance(exc, FileNotFoundError) and "bucket" in str(exc).lower():
-            return StorageError(operation, where, "the bucket does not exist (NoSuchBucket)")
+            return StorageNotFound(operation, where, "the bucket does not exist (NoSuchBucket)")
         return super()._translate_error(operation, relpath, exc)
 
     def _pointer_errors(self, name: str, exc: BaseException) -> BaseException:

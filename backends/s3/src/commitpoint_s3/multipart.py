@@ -27,7 +27,7 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
-from commitpoint.core.checksum import Checksum, available_algorithms
+from commitpoint.core.checksum import DEFAULT_ALGORITHM, Checksum
 from commitpoint.core.retry import RetryPolicy
 from commitpoint.storage.upload import BufferBody, UploadSession, request_deadline
 from commitpoint_s3.options import MAX_PART_SIZE, MIN_PART_SIZE
@@ -152,9 +152,9 @@ class ParallelMultipartUpload(UploadSession):
         client = await self._client()
         extra: dict[str, Any] = {}
         # As boto3's upload_file does: with flexible checksums on, S3 checks every part's checksum.
-        # CRC32C when it is hardware-accelerated here (it is then nearly free), else CRC32.
+        # CRC32C when it is compiled here (it is then nearly free), else CRC32.
         if getattr(client.meta.config, "request_checksum_calculation", None) == "when_supported":
-            self._checksum_algorithm = "CRC32C" if "crc32c" in available_algorithms() else "CRC32"
+            self._checksum_algorithm = "CRC32C" if DEFAULT_ALGORITHM == "crc32c" else "CRC32"
             extra["ChecksumAlgorithm"] = self._checksum_algorithm
         response = await self._retrying(
             "create multipart upload",
