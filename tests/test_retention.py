@@ -47,8 +47,10 @@ def steps_on(storage: StorageBackend) -> list[int]:
 
 
 def write_orphan(storage: StorageBackend, step: int) -> None:
-    """Files of a save the monitor never heard of: no manifest."""
-    storage.write_bytes(f"{step_dir(step)}/model.pt", b"partial weights", track=False)
+    """Files of a save the monitor never heard of (written through the backend, so its owner
+    marker is there): no manifest."""
+    storage.write_bytes(f"{step_dir(step)}/model.pt", b"partial weights")
+    storage.records.take(step_dir(step))
 
 
 def test_policy_arguments_are_checked() -> None:
