@@ -63,9 +63,8 @@ class MemoryBackend(FsspecStorage):
                 self.fs.pseudo_dirs.remove(folder)
 
     def _abort_raw_write(self, raw: Any, relpath: str) -> None:
-        # fsspec's memory files are visible from the moment they open: remove the partial file
-        raw.close()
-        self.fs.rm_file(self.full_path(relpath))
+        # Nothing was published: the bytes were held aside (and an older file stays as it was).
+        raw.discard()
 
     def _state(self, name: str) -> tuple[bytes | None, str | None]:
         path = self.full_path(name)
