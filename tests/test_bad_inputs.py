@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class Ctx:
     root: CheckpointRoot
     monitor: CheckpointMonitor
     coordinator: CheckpointCoordinator
+    saved: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def storage(self) -> Any:
@@ -79,6 +80,17 @@ class Case:
 
 def _noop() -> None:
     return None
+
+
+_MANIFEST = "global_step_{}/.commitpoint-manifest.state_dict.json"
+
+
+def _put(ctx: Ctx, relpath: str, data: bytes) -> None:
+    """Overwrite a committed file in place (a hostile or broken store): the snapshot taken
+    before the case is then restored by the case itself."""
+    storage = ctx.root.open()
+    ctx.saved[relpath] = storage.read_bytes(relpath)
+    storage.write_bytes(relpath, data, track=False)
 
 
 CASES = [
@@ -172,6 +184,71 @@ CASES = [
          lambda c: c.reader.load(None, "model.pt"), InvalidStep, "step is None, not a step"),
     Case("CheckpointReader.load", "a file the manifest does not list",
          lambda c: c.reader.load(2, "other.pt"), CorruptCheckpoint, "not listed"),
+    # -- added by the hardening pass (issue 18 item 15)
+    Case("save_async", "global_step=10**5000",
+         lambda c: c.coordinator.save_async("m", _noop, 10**5000),
+         InvalidStep, "at most 2**63 - 1"),
+    Case("save_async", "block='no'", lambda c: c.coordinator.save_async("m", _noop, 3, block="no"),  # type: ignore[arg-type]
+         InvalidArgument, "block must be a bool"),
+    Case("CheckpointCoordinator", "max_queued=-1",
+         lambda c: CheckpointCoordinator(c.monitor, max_queued=-1), InvalidArgument,
+         "max_queued must be an int >= 0"),
+    Case("CheckpointCoordinator", "exit_timeout=nan",
+         lambda c: CheckpointCoordinator(c.monitor, exit_timeout=float("nan")), InvalidArgument,
+         "exit_timeout must be a finite number"),
+    Case("stage", "timeout=nan",
+         lambda c: c.coordinator.stage({"w": torch.ones(1)}, timeout=float("nan")),
+         InvalidArgument, "timeout must be a finite number"),
+    Case("stage", "state_dict=[1]", lambda c: c.coordinator.stage([1]),  # type: ignore[arg-type]
+         InvalidArgument, "must be a mapping"),
+    Case("wait_all", "timeout='soon'", lambda c: c.coordinator.wait_all("soon"),  # type: ignore[arg-type]
+         InvalidArgument, "timeout must be a finite number"),
+    Case("open_storage", "unknown option direct_oi=False",
+         lambda c: open_storage(c.root.url, direct_oi=False), InvalidArgument,
+         "unknown"),
+    Case("open_storage", "memory option colour='red'",
+         lambda c: open_storage("memory://x", colour="red"), InvalidArgument,
+         "unknown memory options ['colour']"),
+    Case("open_storage", "direct_io='maybe'",
+         lambda c: open_storage("/tmp/commitpoint-never", direct_io="maybe"), InvalidArgument,
+         "direct_io must be true or false"),
+    Case("open_storage", "'s3:/bucket' (one slash)", lambda c: open_storage("s3:/bucket/run"),
+         InvalidArgument, "without '//'"),
+    Case("open_storage", "'memory:/x' (one slash)", lambda c: open_storage("memory:/x"),
+         InvalidArgument, "without '//'"),
+    Case("watch", "interval='1'", lambda c: next(watch(c.storage, interval="1")),  # type: ignore[arg-type]
+         InvalidArgument, "watch option interval must be a finite number"),
+    Case("watch", "timeout=nan", lambda c: next(watch(c.storage, timeout=float("nan"))),
+         InvalidArgument, "watch option timeout must be a finite number"),
+    Case("watch", "every_step='yes'", lambda c: next(watch(c.storage, every_step="yes")),  # type: ignore[arg-type]
+         InvalidArgument, "every_step must be a bool"),
+    Case("watch", "stop=5", lambda c: next(watch(c.storage, stop=5)),  # type: ignore[arg-type]
+         InvalidArgument, "stop needs is_set()"),
+    Case("watch", "a str instead of a backend", lambda c: next(watch("/tmp/x")),  # type: ignore[arg-type]
+         InvalidArgument, "watch needs a StorageBackend"),
+    Case("RetentionPolicy", "orphan_min_age_s=nan",
+         lambda c: RetentionPolicy(orphan_min_age_s=float("nan")), InvalidArgument,
+         "orphan_min_age_s must be a finite number"),
+    Case("RetentionPolicy", "orphan_min_age_s='1h'",
+         lambda c: RetentionPolicy(orphan_min_age_s="1h"),  # type: ignore[arg-type]
+         InvalidArgument, "orphan_min_age_s must be a finite number"),
+    Case("RetentionPolicy", "gc_foreign='yes'", lambda c: RetentionPolicy(gc_foreign="yes"),  # type: ignore[arg-type]
+         InvalidArgument, "gc_foreign must be a bool"),
+    Case("RetentionPolicy.apply", "a str instead of a backend",
+         lambda c: RetentionPolicy().apply("/tmp/x"),  # type: ignore[arg-type]
+         InvalidArgument, "storage must be a StorageBackend"),
+    Case("RetentionPolicy.apply", "in_flight=5",
+         lambda c: RetentionPolicy().apply(c.storage, in_flight=5),  # type: ignore[arg-type]
+         InvalidArgument, "in_flight must be a collection of steps"),
+    Case("RetentionPolicy.apply", "dry_run='no'",
+         lambda c: RetentionPolicy().apply(c.storage, dry_run="no"),  # type: ignore[arg-type]
+         InvalidArgument, "dry_run must be a bool"),
+    Case("CheckpointReader.verify", "a manifest that is `[]`",
+         lambda c: (_put(c, _MANIFEST.format(2), b"[]"), c.reader.verify(2)),
+         CorruptCheckpoint, "manifest must be a JSON object, got list"),
+    Case("CheckpointReader.verify", "a manifest that is `null`",
+         lambda c: (_put(c, _MANIFEST.format(1), b"null"), c.reader.verify(1)),
+         CorruptCheckpoint, "manifest must be a JSON object, got NoneType"),
 ]  # fmt: skip
 
 
@@ -203,8 +280,12 @@ def ctx(request: pytest.FixtureRequest) -> Ctx:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.entry}: {c.given}")
 def test_bad_input_gives_a_typed_error_and_changes_nothing(ctx: Ctx, case: Case) -> None:
     before = _snapshot(ctx.root)
-    with pytest.raises(case.error, match=re.escape(case.message)) as caught:
-        case.call(ctx)
+    try:
+        with pytest.raises(case.error, match=re.escape(case.message)) as caught:
+            case.call(ctx)
+    finally:
+        for relpath, data in ctx.saved.items():  # a case that broke a file puts it back
+            ctx.root.open().write_bytes(relpath, data, track=False)
     assert type(caught.value) is case.error or issubclass(type(caught.value), case.error)
     after = _snapshot(ctx.root)
     # a new monitor takes the writer lease (one small counter object); nothing else may change
@@ -268,3 +349,25 @@ def test_a_missing_bucket_is_a_clear_storage_error_at_once(
     assert "testing" not in text.replace("commitpoint", "")  # no key or secret in the message
     with pytest.raises(StorageError, match="commitpoint-no-such-bucket"):
         CheckpointReader(missing, **root.storage_options).latest_state_dict_step()
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        ("s3", {"config_kwargs": 5}),
+        ("s3", {"client_kwargs": "eu-west-1"}),
+        ("s3", {"part_size": [1]}),
+        ("s3", {"endpoint_uri": "http://127.0.0.1:1"}),  # a typo of endpoint_url
+        ("gcs", {"chunk_size": [1]}),
+        ("gcs", {"projekt": "x"}),
+    ],
+)
+def test_object_store_options_of_the_wrong_type_or_name_give_typed_errors(
+    backend: str, options: dict[str, Any], request: pytest.FixtureRequest
+) -> None:
+    root: CheckpointRoot = request.getfixturevalue(f"{backend}_checkpoint_root")
+    with pytest.raises(CommitpointError) as caught:
+        open_storage(root.url, **{**root.storage_options, **options}).read_pointer(
+            "latest_state_dict_iteration.txt"
+        )
+    assert isinstance(caught.value, InvalidArgument | StorageError)

@@ -110,3 +110,49 @@ def test_s3_credentials_never_reach_logs_errors_or_reprs(
     assert len(seen) > 10
     leaked = [text for text in seen if not _secret_free(text)]
     assert leaked == []
+
+
+URL_KEY_ID = "AKIAURLONLYKEYID00042"
+URL_SECRET = "urlOnly/Secret+With/Slashes+0123456789"
+LOGGED_KEY_ID = "AKIALOGGEDKEYID000077"
+
+
+def test_a_secret_with_slashes_inside_the_url_is_redacted_everywhere(
+    s3_checkpoint_root: CheckpointRoot,
+) -> None:
+    import io
+    import json
+
+    from commitpoint.cli.commands import main
+
+    url = f"s3://{URL_KEY_ID}:{URL_SECRET}@commitpoint-no-such-bucket/run"
+    options = dict(s3_checkpoint_root.storage_options)
+    storage = open_storage(url, **options)
+    seen = [repr(storage), storage.url, storage.url_for("x")]
+    with pytest.raises((CommitpointError, OSError)) as caught:
+        storage.read_pointer("latest_state_dict_iteration.txt")
+    seen += [str(caught.value), repr(caught.value)]
+    args = [
+        f"--option={k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in options.items()
+    ]
+    for extra in (["--json"], ["--json", "--debug"]):
+        out, err = io.StringIO(), io.StringIO()
+        assert main(["latest", url, *args, *extra], stdout=out, stderr=err) != 0
+        seen += [out.getvalue(), err.getvalue()]
+    assert "***" in seen[0]
+    leaked = [t for t in seen if URL_SECRET in t or URL_KEY_ID in t or "Slashes" in t]
+    assert leaked == []
+
+
+def test_the_access_key_id_never_reaches_debug_logs_of_the_http_libraries(
+    s3_checkpoint_root: CheckpointRoot, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = {**s3_checkpoint_root.storage_options, "key": LOGGED_KEY_ID, "secret": SECRET}
+    with caplog.at_level(logging.DEBUG):
+        storage = open_storage(s3_checkpoint_root.url, **options)
+        storage.write_bytes("global_step_1/a.bin", b"abc", track=False)
+        storage.read_pointer("latest_state_dict_iteration.txt")
+    botocore = [r for r in caplog.records if r.name.startswith(("botocore", "aiobotocore"))]
+    assert botocore, "botocore logged nothing at DEBUG: the test would prove nothing"
+    assert any("Credential=***" in r.getMessage() for r in botocore)
+    assert [r.name for r in caplog.records if LOGGED_KEY_ID in r.getMessage()] == []

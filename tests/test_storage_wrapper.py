@@ -69,7 +69,8 @@ def test_a_wrapper_plugs_in_by_option_and_delegates(
     storage.write_bytes("global_step_1/a.bin", b"abc")
     assert storage.read_bytes("global_step_1/a.bin") == b"abc" and storage.reads == 1
     assert [f.path for f in storage.list_files("global_step_1")] == ["global_step_1/a.bin"]
-    assert storage.list_dirs("") == ["global_step_1"]
+    # (the hidden folder holds the step's owner marker, written with its first file)
+    assert storage.list_dirs("") == [".commitpoint", "global_step_1"]
     token = storage.write_pointer_if("latest_state_dict_iteration.txt", 1, None)
     assert storage.read_pointer("latest_state_dict_iteration.txt").token == token
     # records are the inner backend's: taken once, through either
@@ -97,7 +98,12 @@ def test_the_publish_guard_reaches_the_backend_that_publishes(
         storage.write_bytes("global_step_1/kept.bin", b"1")
         with pytest.raises(StorageError, match="fenced"):
             storage.write_bytes("global_step_1/refused.bin", b"2")
-        assert seen == ["global_step_1/kept.bin", "global_step_1/refused.bin"]
+        # the step's owner marker passes the guard too, before the step's first file
+        assert seen == [
+            ".commitpoint/steps/global_step_1",
+            "global_step_1/kept.bin",
+            "global_step_1/refused.bin",
+        ]
         assert not storage.exists("global_step_1/refused.bin")
         assert storage.records.take("global_step_1")[0].path == "global_step_1/kept.bin"
         storage.set_publish_guard(None)

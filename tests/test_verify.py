@@ -167,3 +167,50 @@ def test_load_of_a_file_not_in_the_manifest_is_refused(committed: CheckpointRoot
     save_torch(storage, "global_step_3/extra.pt", {"x": 1})
     with pytest.raises(CorruptCheckpoint, match="not listed"):
         committed.reader().load(3, "extra.pt")
+
+
+class _SwappingStorage:
+    """A backend whose file is replaced after the first ``swap_after`` opens (a concurrent
+    writer): every later open sees other bytes."""
+
+    def __init__(self, inner: object, swap_after: int) -> None:
+        self._inner = inner
+        self._swap_after = swap_after
+        self.opens = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def open_read(self, relpath: str) -> object:
+        import io
+
+        self.opens += 1
+        stream = self._inner.open_read(relpath)  # type: ignore[attr-defined]
+        if self.opens <= self._swap_after:
+            return stream
+        with stream:
+            data = bytearray(stream.read())
+        data[-1] ^= 0xFF
+        return io.BytesIO(bytes(data))
+
+
+@pytest.mark.parametrize("swap_after", [0, 1])
+def test_an_unrestricted_verified_load_unpickles_the_bytes_it_verified(
+    any_checkpoint_root: CheckpointRoot, swap_after: int
+) -> None:
+    from commitpoint import CheckpointCoordinator, CheckpointReader, CorruptCheckpoint
+    from commitpoint.testing import commit_step
+
+    monitor = any_checkpoint_root.monitor()
+    commit_step(CheckpointCoordinator(monitor), 1, numel=8)
+    monitor.close()
+    storage = _SwappingStorage(any_checkpoint_root.open(), swap_after)
+    reader = CheckpointReader(any_checkpoint_root.url, **any_checkpoint_root.storage_options)
+    reader.storage = storage  # type: ignore[assignment]
+    if swap_after == 0:  # swapped before the one read: refused
+        with pytest.raises(CorruptCheckpoint):
+            reader.load(1, "model.pt", weights_only=False)
+    else:  # swapped after it: what was verified is what is loaded
+        loaded = reader.load(1, "model.pt", weights_only=False)
+        assert torch.equal(loaded["w"], torch.full((8,), 1.0))
+    assert storage.opens == 1

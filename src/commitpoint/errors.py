@@ -15,8 +15,11 @@ Every error commitpoint raises on purpose derives from :class:`CommitpointError`
     │   │   └── UnexpectedStep              it does not name the step the caller expected
     │   ├── StepRegression                  a pointer would move back
     │   ├── WriterFenced                    a newer monitor owns the root
-    │   └── MonitorRestarted                the monitor lost the step's bookkeeping
+    │   ├── MonitorRestarted                the monitor lost the step's bookkeeping
+    │   ├── DuplicateWrite                  two saves of one step wrote the same file
+    │   └── SaveQueueFull                   too many saves of one name are queued
     ├── CorruptCheckpoint                   committed data does not match its manifest
+    │   └── UnreadableFile                  a small file that is not a regular file, or too big
     ├── StorageError (OSError)              a store operation failed after retries
     │   ├── StoragePermissionError (PermissionError)
     │   ├── StorageNotFound (FileNotFoundError)   the bucket itself does not exist
@@ -29,12 +32,15 @@ Every error commitpoint raises on purpose derives from :class:`CommitpointError`
 
 Every error survives a pickle round trip (Ray carries them between processes). Messages never
 include credentials: paths are always given relative to, or as, the backend's redacted URL.
-:func:`map_errors` is the one place foreign exceptions become commitpoint errors.
+:func:`map_errors` is the one place foreign exceptions become commitpoint errors, and
+:func:`describe_exception` the one place any exception becomes text for a failure record (it
+cannot fail, whatever the exception's ``__str__`` does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -59,6 +65,109 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, "***")
     return text
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that replaces every registered credential in a record with ``***``.
+
+    The CLI puts it on its handler; :func:`protect_loggers` puts it on a library's loggers
+    (botocore logs signed request headers at DEBUG). Add it to your own handlers to cover every
+    logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with _SECRETS_LOCK:
+            if not _SECRETS:
+                return True
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and record.exc_info[1] is not None:
+            import traceback
+
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_info = None
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def protect_loggers(prefixes: Sequence[str]) -> None:
+    """Put :class:`RedactingFilter` on the loggers named ``prefixes`` and every child of them
+    that exists now (a library's modules create theirs when imported)."""
+    manager = logging.Logger.manager
+    names = [n for n in list(manager.loggerDict) if any(_within(n, p) for p in prefixes)]
+    for name in {*prefixes, *names}:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+DESCRIPTION_LIMIT = 2000
+"""Characters of an exception's text kept in a failure record (the rest is cut)."""
+
+
+def safe_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters; never raises (a huge int or a
+    failing ``__repr__`` gives a placeholder)."""
+    try:
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+            text = f"<int of {value.bit_length()} bits>"
+        else:
+            text = repr(value)
+            if not isinstance(text, str):
+                raise TypeError("__repr__ returned a non-str")
+    except BaseException:  # a description must never fail
+        text = f"<unprintable {_type_name(value)}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(value: object) -> str:
+    try:
+        return str(type(value).__name__)
+    except BaseException:  # a description must never fail
+        return "object"
+
+
+def _exception_text(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+        if not isinstance(text, str):
+            raise TypeError("__str__ returned a non-str")
+    except BaseException:  # a description must never fail
+        try:
+            text = repr(exc)
+            if not isinstance(text, str):
+                raise TypeError("__repr__ returned a non-str") from None
+        except BaseException:  # a description must never fail
+            text = "<exception text unavailable: its __str__ and __repr__ raised>"
+    if len(text) > DESCRIPTION_LIMIT:
+        text = text[:DESCRIPTION_LIMIT] + f"... ({len(text) - DESCRIPTION_LIMIT} more characters)"
+    return text
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"TypeName: message"`` for any exception, redacted and cut to a bounded length.
+
+    The one exception-to-text path of every failure report: it never raises, whatever the
+    exception holds (a ``__str__`` that raises or returns a non-str, a huge int, a message of
+    gigabytes), so reporting a failure cannot itself fail.
+    """
+    name = _type_name(exc)
+    text = _exception_text(exc)
+    described = f"{name}: {text}" if text and name not in text else (text or name)
+    try:
+        return redact(described)
+    except BaseException:  # a description must never fail
+        return name
 
 
 class CommitpointError(Exception):
@@ -100,8 +209,8 @@ def _portable(value: object) -> object:
         pickle.dumps(value)
     except Exception:
         if isinstance(value, BaseException):
-            return RuntimeError(redact(f"{type(value).__name__}: {value}"))
-        return redact(repr(value))
+            return RuntimeError(describe_exception(value))
+        return redact(safe_repr(value, DESCRIPTION_LIMIT))
     return value
 
 
@@ -249,6 +358,37 @@ class CorruptCheckpoint(CommitpointError):
         super().__init__(f"{path}: {reason}")
 
 
+class UnreadableFile(CorruptCheckpoint):
+    """A small file commitpoint reads (pointer, manifest, lease, history) is not a regular file
+    (a FIFO, a device, a folder) or is larger than such a file can be; it was not read."""
+
+
+class DuplicateWrite(Refused):
+    """Two saves of one step wrote the same file: the second is refused before its bytes become
+    visible, so the file and the record the manifest keeps cannot disagree."""
+
+    def __init__(self, path: str, owner: str, name: str) -> None:
+        self.path = path
+        self.owner = owner
+        self.name = name
+        super().__init__(
+            f"{path} was already written for this step by save {owner!r}; save {name!r} may "
+            "not replace it (give each save its own files)"
+        )
+
+
+class SaveQueueFull(Refused):
+    """``save_async(..., block=False)`` found the most saves of that name already queued."""
+
+    def __init__(self, name: str, depth: int) -> None:
+        self.name = name
+        self.depth = depth
+        super().__init__(
+            f"{depth} saves of {name!r} are already queued behind the running one; wait_all(), "
+            "or raise max_queued"
+        )
+
+
 class StorageError(CommitpointError, OSError):
     """A storage operation failed (after any retries the backend makes)."""
 
@@ -256,7 +396,8 @@ class StorageError(CommitpointError, OSError):
         self.operation = operation
         self.path = path
         self.cause = cause
-        super().__init__(f"{operation} {path} failed: {cause}")
+        shown = cause if isinstance(cause, str) else _exception_text(cause)
+        super().__init__(f"{operation} {path} failed: {shown}")
 
 
 class StoragePermissionError(StorageError, PermissionError):
@@ -332,7 +473,7 @@ class SaveFailed(CommitpointError):
 
 
 def _failure_message(step: int, name: str, cause: BaseException) -> str:
-    return f"save {name!r} of step {step} failed: {type(cause).__name__}: {cause}"
+    return f"save {safe_repr(name)} of step {step} failed: {describe_exception(cause)}"
 
 
 _COMBINED: dict[type[BaseException], type[SaveFailed] | None] = {}
@@ -381,7 +522,7 @@ class StagingFailed(StagingError):
     def __init__(self, tensor: str, cause: BaseException) -> None:
         self.tensor = tensor
         self.cause = cause
-        super().__init__(f"staging tensor {tensor!r} failed: {type(cause).__name__}: {cause}")
+        super().__init__(f"staging tensor {safe_repr(tensor)} failed: {describe_exception(cause)}")
 
 
 class StagingTimeout(StagingError, TimeoutError):

@@ -39,7 +39,10 @@ from commitpoint.errors import (
     CorruptCheckpoint,
     InvalidArgument,
     NotFound,
+    RedactingFilter,
     StorageError,
+    describe_exception,
+    redact,
 )
 from commitpoint.maintenance.retention import DEFAULT_ORPHAN_MIN_AGE_S, RetentionPolicy
 from commitpoint.maintenance.rewind import BOTH, rewind
@@ -289,6 +292,7 @@ def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
         keep_every=args.keep_every,
         gc_orphans=not args.no_orphans,
         orphan_min_age_s=args.orphan_min_age,
+        gc_foreign=args.foreign,
     )
     result = policy.apply(storage, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
@@ -411,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     gc.add_argument("--no-orphans", action="store_true", help="do not collect orphaned folders")
     gc.add_argument(
+        "--foreign",
+        action="store_true",
+        help="also collect step folders commitpoint did not write (another tool's checkpoints)",
+    )
+    gc.add_argument(
         "--orphan-min-age",
         type=float,
         default=DEFAULT_ORPHAN_MIN_AGE_S,
@@ -463,11 +472,10 @@ def main(
         return USAGE
     except SystemExit as exc:  # --help
         return int(exc.code or 0) if isinstance(exc.code, int | None) else USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=stderr,
-    )
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())  # no credential in any library's log line either
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler])
     out = _Out(stdout, stderr, args.json)
     run: Callable[[argparse.Namespace, _Out], int] = args.run
     try:
@@ -475,8 +483,8 @@ def main(
     except Exception as exc:
         code = next((c for t, c in _EXIT_CODES if isinstance(exc, t)), STORAGE)
         if args.debug:
-            stderr.write(traceback.format_exc())
-        message = str(exc) if isinstance(exc, CommitpointError) else f"{type(exc).__name__}: {exc}"
+            stderr.write(redact(traceback.format_exc()))
+        message = str(exc) if isinstance(exc, CommitpointError) else describe_exception(exc)
         message = " ".join(message.split())  # one line
         stderr.write(f"commitpoint {args.command}: {message}\n")
         if out.json:

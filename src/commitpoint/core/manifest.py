@@ -13,10 +13,19 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from commitpoint.core.checksum import DEFAULT_ALGORITHM, checksum_stream
-from commitpoint.core.layout import Kind, is_temporary, step_dir, step_of_path
-from commitpoint.errors import CorruptCheckpoint, StorageError
+from commitpoint.core.layout import (
+    MANIFEST_LIMIT,
+    MAX_STEP,
+    Kind,
+    is_temporary,
+    safe_relpath,
+    step_dir,
+    step_of_path,
+)
+from commitpoint.errors import CommitpointError, CorruptCheckpoint, StorageError, safe_repr
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 
 logger = logging.getLogger(__name__)
@@ -50,20 +59,78 @@ class Manifest:
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, path: str) -> Manifest:
+    def from_json(cls, data: bytes, path: str, step: int | None = None) -> Manifest:
+        """Parse a manifest, checking every field's type: anything else is
+        :class:`CorruptCheckpoint` (never another error), whatever the bytes hold. With ``step``,
+        the manifest must be that step's and list files of that step's folder only."""
         try:
             body = json.loads(data)
-            if body.get("format") != FORMAT_VERSION:
-                raise ValueError(f"unknown manifest format {body.get('format')!r}")
-            return cls(
-                step=int(body["step"]),
-                kind=Kind(body["kind"]),
-                files=tuple(FileRecord(**f) for f in body["files"]),
-                created_at=float(body["created_at"]),
-                writer_epoch=body.get("writer_epoch"),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpoint(path, f"manifest is unreadable: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+            raise CorruptCheckpoint(path, f"manifest is unreadable: {_short(exc)}") from None
+        try:
+            return cls._from_body(body, step)
+        except CorruptCheckpoint:
+            raise
+        except (CommitpointError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise CorruptCheckpoint(path, f"manifest is unreadable: {_short(exc)}") from None
+
+    @classmethod
+    def _from_body(cls, body: object, step: int | None) -> Manifest:
+        if not isinstance(body, dict):
+            raise TypeError(f"manifest must be a JSON object, got {type(body).__name__}")
+        if body.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unknown manifest format {safe_repr(body.get('format'))}")
+        found = _field(body, "step", int)
+        if not 0 <= found <= MAX_STEP or (step is not None and found != step):
+            raise ValueError(f"manifest names step {safe_repr(found)}")
+        files = _field(body, "files", list)
+        records = tuple(_record(entry, found) for entry in files)
+        created = body.get("created_at", 0.0)
+        if isinstance(created, bool) or not isinstance(created, int | float):
+            raise TypeError("created_at must be a number")
+        epoch = body.get("writer_epoch")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise TypeError("writer_epoch must be an int or null")
+        return cls(
+            step=found,
+            kind=Kind(_field(body, "kind", str)),
+            files=records,
+            created_at=float(created),
+            writer_epoch=epoch,
+        )
+
+
+def _short(exc: BaseException) -> str:
+    return safe_repr(str(exc), 300)[1:-1] if isinstance(exc, Exception) else type(exc).__name__
+
+
+def _field(body: dict[str, object], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _record(entry: object, step: int) -> FileRecord:
+    """One listed file, checked: a path inside the step's folder, a size, an optional checksum."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"a file entry must be an object, got {type(entry).__name__}")
+    path = safe_relpath(_field(entry, "path", str))
+    if step_of_path(path) != step:
+        raise ValueError(f"file {safe_repr(path)} is outside the step's folder")
+    size = _field(entry, "size", int)
+    if size < 0:
+        raise ValueError(f"file {safe_repr(path)} has a negative size")
+    checksum, algorithm = entry.get("checksum"), entry.get("algorithm")
+    if not all(v is None or isinstance(v, str) for v in (checksum, algorithm)):
+        raise TypeError("checksum and algorithm must be strings or null")
+    tracked = entry.get("tracked", True)
+    if not isinstance(tracked, bool):
+        raise TypeError("tracked must be a bool")
+    unknown = set(entry) - {"path", "size", "checksum", "algorithm", "tracked"}
+    if unknown:
+        raise ValueError(f"unknown file fields {sorted(map(str, unknown))[:5]}")
+    return FileRecord(path, size, checksum, algorithm, tracked)
 
 
 def manifest_path(step: int, kind: Kind) -> str:
@@ -79,7 +146,7 @@ def read_manifest(storage: StorageBackend, step: int, kind: Kind) -> Manifest | 
     path = manifest_path(step, kind)
     if not storage.exists(path):
         return None
-    return Manifest.from_json(storage.read_bytes(path), storage.url_for(path))
+    return Manifest.from_json(storage.read_small(path, MANIFEST_LIMIT), storage.url_for(path), step)
 
 
 def read_manifest_for(storage: StorageBackend, step: int, kind: Kind) -> Manifest | None:
@@ -161,7 +228,7 @@ def write_manifest(storage: StorageBackend, manifest: Manifest) -> None:
     path = manifest_path(manifest.step, manifest.kind)
     body = manifest.to_json()
     storage.write_bytes(path, body, track=False)
-    stored = storage.read_bytes(path)
+    stored = storage.read_small(path, max(MANIFEST_LIMIT, len(body)))
     if stored != body:
         raise StorageError(
             "write manifest",

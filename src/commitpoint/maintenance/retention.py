@@ -13,7 +13,13 @@ committed step and only collects orphans. Whatever the policy says, a step is ne
 
 An *orphan* is a step folder without any manifest (never committed, or half deleted), below every
 pointer, not in flight, and whose newest file is older than ``orphan_min_age_s`` — so a save the
-monitor has not heard of yet is safe while it writes.
+monitor has not heard of yet is safe while it writes. Only folders commitpoint wrote into are
+orphans (their owner marker, :func:`~commitpoint.core.layout.owner_marker`, is there): another
+tool's step folders in the same root (verl's own ``global_step_N``) are never deleted unless
+``gc_foreign=True`` asks for it, and even then never a step a pointer names.
+
+Every deletion goes through the backend's ``delete``, which lists exactly what it removes (no glob
+expansion) and refuses anything outside the folder it was given.
 
 A step is deleted manifest-first: a half-deleted step has no manifest, so it is never seen as
 committed or verifiable; the next round collects the rest as an orphan.
@@ -23,14 +29,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from commitpoint.core.layout import REWIND_HISTORY, Kind, parse_step_dir, step_dir
+from commitpoint.core.layout import (
+    HISTORY_LIMIT,
+    MANIFEST_LIMIT,
+    REWIND_HISTORY,
+    Kind,
+    owner_marker,
+    parse_step_dir,
+    step_dir,
+)
 from commitpoint.core.manifest import manifest_path
-from commitpoint.errors import InvalidArgument
+from commitpoint.errors import InvalidArgument, safe_repr
 from commitpoint.storage.protocol import StorageBackend
 
 logger = logging.getLogger(__name__)
@@ -59,6 +74,8 @@ class RetentionResult:
 class _Step:
     step: int
     kinds: frozenset[Kind]
+    owned: bool = True
+    """commitpoint wrote into the folder (a manifest or its owner marker is there)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,9 @@ class RetentionPolicy:
     keep_every: int | None = None
     gc_orphans: bool = True
     orphan_min_age_s: float = DEFAULT_ORPHAN_MIN_AGE_S
+    gc_foreign: bool = False
+    """Also collect step folders another tool wrote (no manifest, no owner marker) — off by
+    default: commitpoint never deletes data it did not write unless asked."""
 
     def __post_init__(self) -> None:
         for name in ("keep_last", "keep_every"):
@@ -76,9 +96,24 @@ class RetentionPolicy:
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
-                raise InvalidArgument(f"{name} must be a positive int or None, got {value!r}")
-        if self.orphan_min_age_s < 0:
-            raise InvalidArgument(f"orphan_min_age_s must be >= 0, got {self.orphan_min_age_s}")
+                raise InvalidArgument(
+                    f"{name} must be a positive int or None, got {safe_repr(value)}"
+                )
+        for name in ("gc_orphans", "gc_foreign"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgument(
+                    f"{name} must be a bool, got {safe_repr(getattr(self, name))}"
+                )
+        age = self.orphan_min_age_s
+        if (
+            isinstance(age, bool)
+            or not isinstance(age, int | float)
+            or not math.isfinite(age)
+            or age < 0
+        ):
+            raise InvalidArgument(
+                f"orphan_min_age_s must be a finite number >= 0, got {safe_repr(age)}"
+            )
 
     def kept_by_rules(self, committed: Collection[int]) -> set[int]:
         """The steps of ``committed`` a rule keeps (all of them when no rule is set)."""
@@ -97,7 +132,18 @@ class RetentionPolicy:
         dry_run: bool = False,
     ) -> RetentionResult:
         """Delete what the policy drops and collect orphans; return what was (or would be) done."""
-        in_flight = frozenset(in_flight)
+        if not all(callable(getattr(storage, n, None)) for n in ("list_dirs", "delete")):
+            raise InvalidArgument(f"storage must be a StorageBackend, got {safe_repr(storage)}")
+        if not isinstance(dry_run, bool):
+            raise InvalidArgument(f"dry_run must be a bool, got {safe_repr(dry_run)}")
+        try:
+            in_flight = frozenset(in_flight)
+        except TypeError:
+            raise InvalidArgument(
+                f"in_flight must be a collection of steps, got {safe_repr(in_flight)}"
+            ) from None
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in in_flight):
+            raise InvalidArgument(f"in_flight must hold int steps, got {safe_repr(in_flight)}")
         steps = _scan(storage)
         pointers = _pointers(storage)
         if not pointers:
@@ -138,6 +184,9 @@ class RetentionPolicy:
                 step = entry.step
                 if entry.kinds or step >= below or step in in_flight:
                     continue
+                if not entry.owned and not self.gc_foreign:
+                    logger.debug("step %d was not written by commitpoint; left alone", step)
+                    continue
                 age = _age(storage, step, now)
                 if age is None or age < self.orphan_min_age_s:
                     logger.debug("step %d has no manifest but may still be written", step)
@@ -173,7 +222,8 @@ def _scan(storage: StorageBackend) -> list[_Step]:
         if step is None:
             continue
         kinds = frozenset(k for k in Kind if storage.exists(manifest_path(step, k)))
-        found.append(_Step(step, kinds))
+        owned = bool(kinds) or storage.exists(owner_marker(step))
+        found.append(_Step(step, kinds, owned))
     return sorted(found, key=lambda s: s.step)
 
 
@@ -192,7 +242,7 @@ def _rewind_targets(storage: StorageBackend) -> frozenset[int]:
     try:
         if not storage.exists(REWIND_HISTORY):
             return frozenset()
-        data = storage.read_bytes(REWIND_HISTORY)
+        data = storage.read_small(REWIND_HISTORY, HISTORY_LIMIT)
     except Exception as exc:  # history is a safety net; a pointer still protects the step
         logger.warning("could not read the rewind history of %s: %s", storage.url, exc)
         return frozenset()
@@ -201,7 +251,7 @@ def _rewind_targets(storage: StorageBackend) -> frozenset[int]:
         try:
             entry = json.loads(line)
             latest[str(entry["kind"])] = int(entry["to"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             continue
     return frozenset(latest.values())
 
@@ -216,7 +266,7 @@ def _delete_step(storage: StorageBackend, step: int, in_flight: Collection[int])
         for kind in Kind:
             path = manifest_path(step, kind)
             if storage.exists(path):
-                saved[path] = storage.read_bytes(path)
+                saved[path] = storage.read_small(path, MANIFEST_LIMIT)
         # The manifest of the full checkpoint first: it also covers the state dict.
         for path in sorted(saved, key=lambda p: Kind.CHECKPOINT.manifest not in p):
             storage.delete(path)
@@ -226,6 +276,7 @@ def _delete_step(storage: StorageBackend, step: int, in_flight: Collection[int])
             logger.info("step %d became a pointer target while being deleted; kept", step)
             return ""
         storage.delete(step_dir(step), recursive=True)
+        storage.delete(owner_marker(step))
     except Exception as exc:
         logger.warning("could not delete step %d on %s: %s", step, storage.url, exc)
         return f"step {step}: {exc}"
@@ -236,7 +287,10 @@ def _delete_orphan(storage: StorageBackend, step: int) -> str | None:
     try:
         if any(storage.exists(manifest_path(step, k)) for k in Kind):
             return ""  # committed meanwhile
+        if step in _pointers(storage).values():
+            return ""  # named by a pointer (another tool's, or a rewind): never deleted
         storage.delete(step_dir(step), recursive=True)
+        storage.delete(owner_marker(step))
     except Exception as exc:
         logger.warning("could not delete orphan step %d on %s: %s", step, storage.url, exc)
         return f"step {step}: {exc}"

@@ -28,7 +28,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from commitpoint.core.layout import REWIND_HISTORY, Kind, check_step
+from commitpoint.core.layout import HISTORY_LIMIT, REWIND_HISTORY, Kind, check_step
 from commitpoint.core.pointer import rewind_pointer
 from commitpoint.errors import CommitConflict, CorruptCheckpoint, InvalidArgument, UnexpectedStep
 from commitpoint.read.verify import verify_step
@@ -169,11 +169,15 @@ def append_history(storage: StorageBackend, records: list[RewindRecord]) -> None
         _append_local(storage.full_path(REWIND_HISTORY), lines)
         return
     for _ in range(HISTORY_ATTEMPTS):
-        existing = storage.read_bytes(REWIND_HISTORY) if storage.exists(REWIND_HISTORY) else b""
+        existing = (
+            storage.read_small(REWIND_HISTORY, HISTORY_LIMIT)
+            if storage.exists(REWIND_HISTORY)
+            else b""
+        )
         if existing and not existing.endswith(b"\n"):
             existing += b"\n"
         storage.write_bytes(REWIND_HISTORY, existing + lines, track=False)
-        if lines in storage.read_bytes(REWIND_HISTORY):
+        if lines in storage.read_small(REWIND_HISTORY, HISTORY_LIMIT):
             return
         time.sleep(0.05)
     logger.error("could not record a rewind in %s", storage.url_for(REWIND_HISTORY))
@@ -194,10 +198,10 @@ def read_history(storage: StorageBackend) -> list[dict[str, object]]:
     if not storage.exists(REWIND_HISTORY):
         return []
     entries: list[dict[str, object]] = []
-    for line in storage.read_bytes(REWIND_HISTORY).splitlines():
+    for line in storage.read_small(REWIND_HISTORY, HISTORY_LIMIT).splitlines():
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(entry, dict):
             entries.append(entry)

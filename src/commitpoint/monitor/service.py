@@ -303,13 +303,13 @@ class CheckpointMonitor:
         since (a new epoch), it never saw the step's registration complete, so the save is
         refused with :class:`MonitorRestarted` rather than silently never committed.
         """
+        if started:  # first: the slot is free again whatever happens below (never twice)
+            self._slots.release()
         check_step(step)
         kind = Kind.of(is_state_dict)
         if writer_epoch is not None and writer_epoch != self._lease.epoch:
             logger.warning("save %r of step %d started before a monitor restart", name, step)
             raise MonitorRestarted(step, writer_epoch, self._lease.epoch)
-        if started:
-            self._slots.release()
         ready = self._ledger.finished(step, kind, files, name)
         self._pipeline.commit(step, ready)
 

@@ -14,9 +14,16 @@ from typing import Any
 from commitpoint.core.layout import Kind, check_step, parse_step_dir, safe_relpath, step_dir
 from commitpoint.core.manifest import Manifest, read_manifest_for
 from commitpoint.errors import CorruptCheckpoint, InvalidArgument, InvalidStep, NotFound
-from commitpoint.read.verify import VerifyReport, load_manifest, verify_file, verify_step
+from commitpoint.read.verify import (
+    VerifyReport,
+    check_bytes,
+    load_manifest,
+    record_of,
+    verify_file,
+    verify_step,
+)
 from commitpoint.read.watch import StopSignal, awatch, watch
-from commitpoint.save.torch_io import load_torch
+from commitpoint.save.torch_io import load_torch, load_torch_bytes
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.storage.registry import open_storage
 
@@ -131,8 +138,10 @@ class CheckpointReader:
         The object is returned only once the file's size and checksum match the manifest. With
         ``weights_only=True`` (the default) the checksum pass and the load run at the same time,
         so a verified load takes about as long as a plain one: that unpickler cannot run code, and
-        its result is dropped if the check fails. With ``weights_only=False`` the file is verified
-        completely before a single byte is unpickled.
+        its result is dropped if the check fails. With ``weights_only=False`` the file is read
+        once into memory, those bytes are verified, and only those bytes are unpickled: a file
+        replaced between the check and the load cannot slip through (this needs the file's size
+        in memory for a moment).
         """
         kind = Kind(kind)
         step = self._step(step, kind)
@@ -140,8 +149,7 @@ class CheckpointReader:
         if not verify:
             return self._load(path, map_location, weights_only)
         if not weights_only:
-            verify_file(self.storage, step, path, kind)
-            return self._load(path, map_location, weights_only)
+            return self._load_checked_bytes(step, path, kind, map_location)
         with ThreadPoolExecutor(1, thread_name_prefix="commitpoint-verify") as pool:
             check = pool.submit(verify_file, self.storage, step, path, kind)
             try:
@@ -151,6 +159,16 @@ class CheckpointReader:
                 raise
             check.result()
         return loaded
+
+    def _load_checked_bytes(self, step: int, path: str, kind: Kind, map_location: Any) -> Any:
+        """Unrestricted load of exactly the bytes that were verified (one open, one read)."""
+        record = record_of(self.storage, step, path, kind)
+        with self.storage.open_read(path) as stream:
+            data = stream.read()
+        problem = check_bytes(record, data)
+        if problem is not None:
+            raise CorruptCheckpoint(self.storage.url_for(path), problem.reason)
+        return load_torch_bytes(data, map_location=map_location, weights_only=False)
 
     def _load(self, path: str, map_location: Any, weights_only: bool) -> Any:
         return load_torch(self.storage, path, map_location=map_location, weights_only=weights_only)

@@ -11,10 +11,10 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from commitpoint.core.checksum import checksum_stream
+from commitpoint.core.checksum import Checksum, available_algorithms, checksum_stream
 from commitpoint.core.layout import Kind, step_dir
 from commitpoint.core.manifest import Manifest, read_manifest_for
-from commitpoint.errors import CorruptCheckpoint, NotFound
+from commitpoint.errors import CorruptCheckpoint, NotFound, UnreadableFile
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 
 
@@ -64,11 +64,31 @@ def check_record(storage: StorageBackend, record: FileRecord) -> Problem | None:
             if size == record.size
             else Problem(record.path, f"size {size} != manifest size {record.size}")
         )
-    with storage.open_read(record.path) as stream:
-        size, checksum = checksum_stream(stream, record.algorithm)
+    if record.algorithm not in available_algorithms():
+        return Problem(record.path, f"checksum algorithm {record.algorithm!r} is not available")
+    try:
+        with storage.open_read(record.path) as stream:
+            size, checksum = checksum_stream(stream, record.algorithm)
+    except UnreadableFile as exc:
+        return Problem(record.path, exc.reason)
+    return _compare(record, size, checksum)
+
+
+def check_bytes(record: FileRecord, data: bytes) -> Problem | None:
+    """Compare bytes already read (one read for a check and a load) with their record."""
+    if record.checksum is None or record.algorithm is None:
+        return _compare(record, len(data), None)
+    if record.algorithm not in available_algorithms():
+        return Problem(record.path, f"checksum algorithm {record.algorithm!r} is not available")
+    checksum = Checksum(record.algorithm)
+    checksum.update(data)
+    return _compare(record, len(data), checksum.hexdigest())
+
+
+def _compare(record: FileRecord, size: int, checksum: str | None) -> Problem | None:
     if size != record.size:
         return Problem(record.path, f"size {size} != manifest size {record.size}")
-    if checksum != record.checksum:
+    if checksum is not None and checksum != record.checksum:
         return Problem(record.path, f"{record.algorithm} {checksum} != manifest {record.checksum}")
     return None
 
@@ -122,12 +142,18 @@ def verify_step(
     return VerifyReport(step, kind, len(manifest.files), manifest.total_bytes, tuple(problems))
 
 
-def verify_file(storage: StorageBackend, step: int, relpath: str, kind: Kind) -> None:
-    """Raise :class:`CorruptCheckpoint` unless ``relpath`` matches ``step``'s manifest."""
+def record_of(storage: StorageBackend, step: int, relpath: str, kind: Kind) -> FileRecord:
+    """``relpath``'s record in ``step``'s manifest (:class:`CorruptCheckpoint` if unlisted)."""
     manifest = load_manifest(storage, step, kind)
     record = next((r for r in manifest.files if r.path == relpath), None)
     if record is None:
         raise CorruptCheckpoint(storage.url_for(relpath), f"not listed in step {step}'s manifest")
+    return record
+
+
+def verify_file(storage: StorageBackend, step: int, relpath: str, kind: Kind) -> None:
+    """Raise :class:`CorruptCheckpoint` unless ``relpath`` matches ``step``'s manifest."""
+    record = record_of(storage, step, relpath, kind)
     problem = check_record(storage, record)
     if problem is not None:
         raise CorruptCheckpoint(storage.url_for(relpath), problem.reason)

@@ -35,9 +35,15 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from commitpoint.core.layout import Kind, check_step, parse_step_dir
+from commitpoint.core.layout import Kind, check_seconds, check_step, parse_step_dir
 from commitpoint.core.manifest import manifest_path
-from commitpoint.errors import CorruptCheckpoint, InvalidArgument, StorageError
+from commitpoint.errors import (
+    CorruptCheckpoint,
+    InvalidArgument,
+    StorageError,
+    describe_exception,
+    safe_repr,
+)
 from commitpoint.read.verify import verify_step
 from commitpoint.storage.protocol import StorageBackend
 
@@ -74,8 +80,17 @@ class _Watcher:
     delay: float = 0.0
 
     def __post_init__(self) -> None:
+        if not all(callable(getattr(self.storage, n, None)) for n in ("read_pointer", "exists")):
+            raise InvalidArgument(f"watch needs a StorageBackend, got {safe_repr(self.storage)}")
         if self.after is not None:
             check_step(self.after, "after")
+        for name in ("include_current", "every_step", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgument(
+                    f"watch option {name} must be a bool, got {safe_repr(getattr(self, name))}"
+                )
+        for name in ("interval", "max_interval", "backoff"):
+            check_seconds(getattr(self, name), f"watch option {name}", allow_none=False)
         if self.interval <= 0 or self.max_interval < self.interval or self.backoff < 1:
             raise InvalidArgument(
                 "watch needs interval > 0, max_interval >= interval and backoff >= 1, got "
@@ -152,11 +167,17 @@ class _Watcher:
         return ready
 
     def _verify(self, step: int) -> str | None:
-        """Why ``step`` fails verification, or None if it is sound (storage errors propagate)."""
+        """Why ``step`` fails verification, or None if it is sound (transient storage errors
+        propagate, to be retried). Anything else a hostile manifest or file provokes skips the
+        step: watching must go on."""
         try:
             report = verify_step(self.storage, step, self.kind)
         except CorruptCheckpoint as exc:
             return str(exc)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            return describe_exception(exc)
         return None if report.ok else "; ".join(map(str, report.problems))
 
     def _between(self, current: int) -> list[int]:
@@ -174,6 +195,12 @@ class _Watcher:
     def _covered(self, step: int) -> bool:
         kinds = (Kind.STATE_DICT, Kind.CHECKPOINT) if self.kind is Kind.STATE_DICT else (self.kind,)
         return any(self.storage.exists(manifest_path(step, k)) for k in kinds)
+
+
+def _check_stop(stop: object, timeout: object) -> None:
+    if stop is not None and not callable(getattr(stop, "is_set", None)):
+        raise InvalidArgument(f"watch option stop needs is_set(), got {safe_repr(stop)}")
+    check_seconds(timeout, "watch option timeout")
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -203,6 +230,7 @@ def watch(
         storage, Kind(kind), after, include_current, every_step, verify,
         interval, max_interval, backoff,
     )  # fmt: skip
+    _check_stop(stop, timeout)
     watcher.anchor()
     return _watch(watcher, stop, _deadline(timeout))
 
@@ -241,6 +269,7 @@ def awatch(
         storage, Kind(kind), after, include_current, every_step, verify,
         interval, max_interval, backoff,
     )  # fmt: skip
+    _check_stop(stop, timeout)
     watcher.anchor()
     return _awatch(watcher, stop, _deadline(timeout))
 

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from commitpoint.core.layout import check_seconds
 from commitpoint.errors import InvalidArgument, StagingFailed, StagingTimeout
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class StagingOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidArgument(f"staging option {name} must be an int >= 1, got {value!r}")
+        check_seconds(self.slot_timeout, "staging option slot_timeout")
         if self.slot_timeout is not None and not self.slot_timeout > 0:
             raise InvalidArgument(
                 f"staging option slot_timeout must be None or > 0, got {self.slot_timeout!r}"
@@ -324,6 +326,7 @@ class Stager:
             raise InvalidArgument(
                 f"stage() needs a state dict (a mapping), got {type(state_dict).__name__}"
             )
+        timeout = check_seconds(timeout, "timeout")
         self._take_slot(self.options.slot_timeout if timeout is None else timeout)
         buffers: list[tuple[_BufferKey, torch.Tensor]] = []
         try:

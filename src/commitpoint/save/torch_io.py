@@ -126,3 +126,10 @@ def load_torch(
     torch = _torch()
     with storage.open_read(safe_relpath(relpath)) as stream:
         return torch.load(stream, map_location=map_location, weights_only=weights_only)
+
+
+def load_torch_bytes(data: bytes, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """``torch.load`` of bytes already read (and verified) in memory."""
+    import io
+
+    return _torch().load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)

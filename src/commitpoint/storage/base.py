@@ -15,12 +15,26 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 from commitpoint.core.checksum import DEFAULT_ALGORITHM, Checksum
-from commitpoint.core.layout import decode_pointer, encode_pointer, safe_relpath
-from commitpoint.errors import CommitpointError, StorageError, map_errors, register_secret
+from commitpoint.core.layout import (
+    decode_pointer,
+    encode_pointer,
+    owner_marker,
+    safe_relpath,
+    step_of_path,
+)
+from commitpoint.errors import (
+    CommitpointError,
+    StorageError,
+    UnreadableFile,
+    describe_exception,
+    map_errors,
+    register_secret,
+)
 from commitpoint.storage.protocol import FileInfo, FileRecord, PointerState, PublishGuard
 from commitpoint.storage.records import FileRecords
 
@@ -33,15 +47,28 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``(scheme://, userinfo or None, rest)`` of a URL.
+
+    A secret may hold ``/`` (AWS secrets often do), so the user part is whatever comes before the
+    first ``@`` when that text holds a ``:`` (``key:secret@bucket/...``), or a ``/``-free
+    ``user@`` right after the scheme.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or rest.startswith("/") or "@" not in rest:
+        return url if not sep else scheme + sep, None, rest if sep else ""
+    before, _, after = rest.partition("@")
+    if ":" in before or "/" not in before:
+        return scheme + sep, before, after
+    return scheme + sep, None, rest
+
+
 def redact_url(url: str) -> str:
     """Drop any ``user:password@`` part of a URL so it can be logged."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    head, userinfo, rest = _split_userinfo(url)
+    if userinfo is None:
         return url
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return f"{scheme}://{netloc}{slash}{path}"
+    return f"{head}***@{rest}"
 
 
 class FsspecWriter:
@@ -157,6 +184,8 @@ class FsspecStorage:
         self._storage_options = dict(storage_options)
         self._records = FileRecords()
         self._publish_guard: PublishGuard | None = None
+        self._owned_steps: set[int] = set()
+        self._owned_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._url!r})"
@@ -250,9 +279,30 @@ class FsspecStorage:
 
     def open_write(self, relpath: str, *, track: bool = True) -> FsspecWriter:
         relpath = safe_relpath(relpath)
+        step = step_of_path(relpath)
+        if track and step is not None:
+            self._mark_owned(step)
         with self._errors("open for write", relpath):
             raw = self._open_raw_write(self.full_path(relpath))
         return self.writer_class(self, relpath, raw, track)
+
+    def _mark_owned(self, step: int) -> None:
+        """Say, once per step and process, that commitpoint writes into ``step``'s folder (see
+        :func:`owner_marker`): retention only ever collects folders it wrote."""
+        with self._owned_lock:
+            if step in self._owned_steps:
+                return
+        try:
+            self.write_bytes(owner_marker(step), b"", track=False)
+        except Exception as exc:
+            # The safe side: an unmarked folder is never collected as an orphan. The data write
+            # that follows reports its own error if the store refuses it too.
+            logger.warning("could not mark step %d of %s as commitpoint's: %s", step, self.url, exc)
+            return
+        with self._owned_lock:
+            if len(self._owned_steps) >= _OWNED_STEPS_KEPT:
+                self._owned_steps.clear()
+            self._owned_steps.add(step)
 
     def write_bytes(self, relpath: str, data: bytes, *, track: bool = True) -> FileRecord:
         with self.open_write(relpath, track=track) as writer:
@@ -269,6 +319,29 @@ class FsspecStorage:
     def read_bytes(self, relpath: str) -> bytes:
         with self._errors("read", relpath):
             return cast(bytes, self._fs_call(self._fs.cat_file, self.full_path(relpath)))
+
+    def read_small(self, relpath: str, limit: int) -> bytes:
+        """The whole of a small file (pointer, manifest, lease, history), at most ``limit`` bytes.
+
+        The one bounded read for every small file commitpoint reads: a bigger file raises
+        :class:`~commitpoint.errors.UnreadableFile` without being read whole (one ranged read on
+        object stores); the local backend also refuses anything but a regular file, so a FIFO or
+        a device can never block or flood a reader.
+        """
+        relpath = safe_relpath(relpath)
+        full = self.full_path(relpath)
+        with self._errors("read", relpath):
+            size = int(self._fs_call(self._fs.size, full) or 0)
+            check_small(self.url_for(relpath), size, limit)
+            # A ranged read never takes more, even if the file grew; an empty object has no
+            # range to ask for (S3 and GCS answer 416).
+            data = (
+                bytes(self._fs_call(self._fs.cat_file, full, start=0, end=limit + 1))
+                if size
+                else b""
+            )
+        check_small(self.url_for(relpath), len(data), limit)
+        return data
 
     def exists(self, relpath: str) -> bool:
         with self._errors("check", relpath):
@@ -306,13 +379,49 @@ class FsspecStorage:
         return sorted(names)
 
     def delete(self, relpath: str, *, recursive: bool = False) -> None:
-        path = self.full_path(relpath)
+        """Delete one file, or with ``recursive`` every file below ``relpath``.
+
+        Every path deleted passes :meth:`_confined` (the one confinement rule): it is listed
+        exactly (no glob expansion, whatever the root's name holds) and must lie under
+        ``relpath`` inside the root.
+        """
+        relpath = safe_relpath(relpath)
+        target = self.full_path(relpath)
         with self._errors("delete", relpath), _absent_is_empty():
-            if recursive:
-                if self._fs_call(self._fs.exists, path):
-                    self._fs_call(self._fs.rm, path, recursive=True)
+            if not recursive:
+                self._remove_file(self._confined(target, target))
+                return
+            self._remove_tree(target)
+
+    def _confined(self, path: str, target: str) -> str:
+        """``path`` (a path of :attr:`fs`) if it is ``target`` or lies below it, inside the root;
+        anything else raises :class:`StorageError` and nothing is deleted."""
+        stripped = cast(str, self._fs._strip_protocol(path)).rstrip("/")
+        root = self._root + "/"
+        if stripped.startswith(root) and (stripped == target or stripped.startswith(target + "/")):
+            return stripped
+        raise StorageError(
+            "delete", self._url, f"refusing to delete {stripped!r} outside {target!r}"
+        )
+
+    def _remove_tree(self, target: str) -> None:
+        """Delete every file at or below ``target``, found by listing (never by glob), each
+        checked by :meth:`_confined`; then the folders left (object stores have none)."""
+        listed: dict[str, Any] = self._fs_call(self._fs.find, target, withdirs=True, detail=True)
+        folders = []
+        for path in sorted(listed):
+            if listed[path].get("type") == "directory":
+                folders.append(self._confined(path, target))
             else:
-                self._fs_call(self._fs.rm_file, path)
+                self._remove_file(self._confined(path, target))
+        self._remove_folders(sorted(folders, key=len, reverse=True))
+
+    def _remove_file(self, path: str) -> None:
+        """Delete one exact path (``rm_file`` never expands globs)."""
+        self._fs_call(self._fs.rm_file, path)
+
+    def _remove_folders(self, folders: list[str]) -> None:
+        """Drop emptied folders, deepest first (a no-op where folders are not stored)."""
 
     # -- pointers: backends provide these ---------------------------------------------------
     def read_pointer(self, name: str) -> PointerState:
@@ -350,10 +459,10 @@ _SECRET_OPTION_NAMES = frozenset(
 
 def _register_secrets(url: str, options: Any) -> None:
     """Register every credential in ``url``'s user part and in ``options`` (nested too)."""
-    _, sep, rest = url.partition("://")
-    netloc = rest.split("/", 1)[0] if sep else ""
-    if "@" in netloc:
-        for part in netloc.rsplit("@", 1)[0].split(":"):
+    userinfo = _split_userinfo(url)[1] if url else None
+    if userinfo is not None:
+        register_secret(userinfo)
+        for part in userinfo.split(":", 1):
             register_secret(part)
     if isinstance(options, dict):
         for name, value in options.items():
@@ -396,10 +505,19 @@ def modified_time(info: Mapping[str, Any]) -> float | None:
     return None
 
 
+_OWNED_STEPS_KEPT = 4096
+"""Steps whose owner marker this process remembers writing (then it is written again)."""
+
+
+def check_small(where: str, size: int, limit: int) -> None:
+    """Refuse a small file of more than ``limit`` bytes (:class:`UnreadableFile`)."""
+    if size > limit:
+        raise UnreadableFile(where, f"holds more than {limit} bytes; refusing to read it")
+
+
 def _reopen(opener: Any, url: str, options: dict[str, Any]) -> Any:
     return opener(url, **options)
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
+    return describe_exception(exc)

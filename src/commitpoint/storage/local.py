@@ -13,17 +13,30 @@ import errno
 import fcntl
 import os
 import secrets
+import shutil
+import stat as _stat
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from fsspec.implementations.local import LocalFileSystem
 
 from commitpoint.core.checksum import Checksum
-from commitpoint.core.layout import META_DIR, safe_relpath
-from commitpoint.errors import CommitConflict, StorageError
-from commitpoint.storage.base import FsspecStorage
+from commitpoint.core.layout import META_DIR, POINTER_LIMIT, safe_relpath
+from commitpoint.errors import (
+    CommitConflict,
+    InvalidArgument,
+    StorageError,
+    UnreadableFile,
+    safe_repr,
+)
+from commitpoint.storage.base import FsspecStorage, check_small
 from commitpoint.storage.direct_io import DirectFile, fsync_dir
+from commitpoint.storage.options import refuse_unknown
 from commitpoint.storage.protocol import PointerState
+
+_LOCAL_OPTIONS = frozenset({"auto_mkdir"})
+_TRUE: tuple[object, ...] = (True, "true", "True", "1", 1)
+_FALSE: tuple[object, ...] = (False, "false", "False", "0", 0)
 
 
 class LocalBackend(FsspecStorage):
@@ -31,7 +44,12 @@ class LocalBackend(FsspecStorage):
 
     def __init__(self, url: str, *, direct_io: bool = True, **storage_options: Any) -> None:
         """``direct_io`` writes large files with pipelined ``O_DIRECT`` (see direct_io.py)."""
-        self._direct_io = direct_io not in (False, "false", "False", "0", 0)
+        refuse_unknown("local", storage_options, _LOCAL_OPTIONS, ("direct_io",))
+        if direct_io not in _TRUE + _FALSE:
+            raise InvalidArgument(
+                f"local storage option direct_io must be true or false, got {safe_repr(direct_io)}"
+            )
+        self._direct_io = direct_io not in _FALSE
         path = url.split("://", 1)[1] if "://" in url else url
         if url.startswith("local://"):
             url = "file://" + path
@@ -67,6 +85,75 @@ class LocalBackend(FsspecStorage):
     def _before_publish(self, relpath: str) -> None:
         """The guard runs inside :class:`DirectFile`, just before its rename."""
 
+    # -- reads: regular files only ----------------------------------------------------------
+    def _open_regular(self, path: str, where: str) -> int:
+        """A read-only descriptor of ``path``, refused unless it is a regular file.
+
+        ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for a writer; the
+        flag is cleared again before any read.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if _stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+            if not _stat.S_ISREG(mode):
+                raise UnreadableFile(where, "is not a regular file; refusing to read it")
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _read_regular(self, path: str, where: str, limit: int) -> tuple[bytes, os.stat_result]:
+        """At most ``limit`` bytes of a regular file, and its stat (the bounded read)."""
+        fd = self._open_regular(path, where)
+        try:
+            stat = os.fstat(fd)
+            check_small(where, stat.st_size, limit)
+            chunks = []
+            remaining = limit + 1
+            while remaining > 0:
+                chunk = os.read(fd, remaining)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        check_small(where, len(data), limit)
+        return data, stat
+
+    def read_small(self, relpath: str, limit: int) -> bytes:
+        relpath = safe_relpath(relpath)
+        try:
+            return self._read_regular(self.full_path(relpath), self.url_for(relpath), limit)[0]
+        except (UnreadableFile, StorageError):
+            raise
+        except OSError as exc:
+            raise self._translate_error("read", relpath, exc) from exc
+
+    def open_read(self, relpath: str) -> BinaryIO:
+        relpath = safe_relpath(relpath)
+        try:
+            fd = self._open_regular(self.full_path(relpath), self.url_for(relpath))
+        except (UnreadableFile, StorageError):
+            raise
+        except OSError as exc:
+            raise self._translate_error("open for read", relpath, exc) from exc
+        return os.fdopen(fd, "rb")
+
+    # -- deletes ----------------------------------------------------------------------------
+    def _remove_tree(self, target: str) -> None:
+        """``rmtree`` of the exact folder: no globs, and symlinks are removed, never followed."""
+        path = self._confined(target, target)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
     # -- pointers ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _pointer_lock(self, name: str) -> Iterator[None]:
@@ -83,9 +170,7 @@ class LocalBackend(FsspecStorage):
     def _read_raw(self, name: str) -> tuple[bytes, str] | None:
         """Pointer bytes and their token (inode + mtime + content), or None if absent."""
         try:
-            with open(self.full_path(name), "rb") as f:
-                data = f.read()
-                stat = os.fstat(f.fileno())
+            data, stat = self._read_regular(self.full_path(name), self.url_for(name), POINTER_LIMIT)
         except FileNotFoundError:
             return None
         return data, f"{stat.st_ino}:{stat.st_mtime_ns}:{data.hex()}"

@@ -130,6 +130,11 @@ class StorageBackend(Protocol):
 
     def read_bytes(self, relpath: str) -> bytes: ...
 
+    def read_small(self, relpath: str, limit: int) -> bytes:
+        """A small file whole (pointer, manifest, lease, history), refused unread
+        (:class:`~commitpoint.errors.UnreadableFile`) if it holds more than ``limit`` bytes or,
+        on local disk, is not a regular file."""
+
     def write_bytes(self, relpath: str, data: bytes, *, track: bool = True) -> FileRecord: ...
 
     def exists(self, relpath: str) -> bool: ...

@@ -12,12 +12,20 @@ a storage option named after a wrapper, registered in the ``commitpoint.wrappers
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from commitpoint.errors import BackendNotFound, InvalidArgument
+from commitpoint.errors import (
+    BackendNotFound,
+    CommitpointError,
+    InvalidArgument,
+    StorageError,
+    describe_exception,
+    safe_repr,
+)
 from commitpoint.storage.protocol import StorageBackend
 
 ENTRY_POINT_GROUP = "commitpoint.backends"
@@ -37,6 +45,23 @@ _INSTALL_HINTS = {"s3": _S3_HINT, "s3a": _S3_HINT, "gs": _GCS_HINT, "gcs": _GCS_
 _registered: dict[str, BackendFactory] = {}
 _wrappers: dict[str, WrapperFactory] = {}
 _lock = threading.Lock()
+
+
+_SCHEME_WITHOUT_SLASHES = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//)")
+
+
+def _check_url_form(url: str) -> None:
+    """Refuse ``s3:/bucket`` and the like: a known scheme without ``//`` would otherwise be a
+    local folder named ``s3:`` in the working directory."""
+    match = _SCHEME_WITHOUT_SLASHES.match(url)
+    if match is None:
+        return
+    scheme = match.group(1).lower()
+    if scheme in _INSTALL_HINTS or scheme in available_schemes():
+        raise InvalidArgument(
+            f"storage URL {safe_repr(url.split('@')[-1])} names scheme {scheme!r} without "
+            f"'//'; write {scheme}://..."
+        )
 
 
 def scheme_of(url: str) -> str:
@@ -102,10 +127,22 @@ def open_storage(url: str, **storage_options: Any) -> StorageBackend:
     ``faults``) wrap the backend instead of reaching it.
     """
     if not isinstance(url, str) or not url.strip():
-        raise InvalidArgument(f"storage URL must be a non-empty str, got {url!r}")
+        raise InvalidArgument(f"storage URL must be a non-empty str, got {safe_repr(url)}")
+    _check_url_form(url)
     wanted = sorted(_wrapper_names() & set(storage_options))
     wrapping = [(name, storage_options.pop(name)) for name in wanted]
-    storage = _lookup(scheme_of(url))(url, **storage_options)
+    factory = _lookup(scheme_of(url))
+    try:
+        storage = factory(url, **storage_options)
+    except CommitpointError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        # an option of the wrong type, found by the store's own client: still a typed error
+        raise InvalidArgument(
+            f"cannot open {scheme_of(url)} storage with these options: {describe_exception(exc)}"
+        ) from exc
+    except Exception as exc:
+        raise StorageError("open", scheme_of(url) + " storage", describe_exception(exc)) from exc
     for name, value in wrapping:
         if value is not None:
             storage = _wrapper(name)(storage, value)

@@ -78,6 +78,9 @@ class StorageWrapper:
     def read_bytes(self, relpath: str) -> bytes:
         return self._inner.read_bytes(relpath)
 
+    def read_small(self, relpath: str, limit: int) -> bytes:
+        return self._inner.read_small(relpath, limit)
+
     def write_bytes(self, relpath: str, data: bytes, *, track: bool = True) -> FileRecord:
         """Written through :meth:`open_write`, so a wrapper that perturbs writes covers both."""
         with self.open_write(relpath, track=track) as writer:

@@ -171,6 +171,15 @@ class FaultyStorage(StorageWrapper):
             return bytes(flipped)
         return data
 
+    def read_small(self, relpath: str, limit: int) -> bytes:
+        self._before("read", relpath)
+        data = self._inner.read_small(relpath, limit)
+        if self._roll("corrupt_read", "read"):
+            flipped = bytearray(data)
+            _flip_one_byte(flipped, self._random)
+            return bytes(flipped)
+        return data
+
     def exists(self, relpath: str) -> bool:
         self._before("exists", relpath)
         return self._inner.exists(relpath)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from fsspec.asyn import sync
 
-from commitpoint.core.layout import safe_relpath
+from commitpoint.core.layout import POINTER_LIMIT, safe_relpath
 from commitpoint.errors import (
     CommitConflict,
     CommitpointError,
@@ -32,7 +32,7 @@ from commitpoint.errors import (
     StoragePermissionError,
     map_errors,
 )
-from commitpoint.storage.base import FsspecStorage, FsspecWriter
+from commitpoint.storage.base import FsspecStorage, FsspecWriter, check_small
 from commitpoint.storage.options import Timeouts, accepted_names, integer, refuse_unknown
 from commitpoint.storage.protocol import PointerState
 from commitpoint.storage.upload import bucket_key
@@ -173,6 +173,7 @@ class GCSBackend(FsspecStorage):
             for _ in range(8):  # the object may be replaced between the two requests: read again
                 try:
                     meta = self._call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+                    check_small(self.url_for(name), int(meta.get("size") or 0), POINTER_LIMIT)
                     _, data = self._call(
                         "GET", "b/{}/o/{}", bucket, key, alt="media", generation=meta["generation"]
                     )
@@ -186,6 +187,7 @@ class GCSBackend(FsspecStorage):
                     except FileNotFoundError:
                         return PointerState(None, None)
                     continue
+                check_small(self.url_for(name), len(data), POINTER_LIMIT)
                 value = self._decode_pointer(name, bytes(data))
                 return PointerState(value, str(meta["generation"]))
         raise StorageError("read pointer", self.url_for(name), "kept changing while being read")

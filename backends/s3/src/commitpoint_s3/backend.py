@@ -17,15 +17,18 @@ from typing import Any, TypeVar
 
 from fsspec.asyn import sync
 
-from commitpoint.core.layout import safe_relpath
+from commitpoint.core.layout import POINTER_LIMIT, safe_relpath
 from commitpoint.core.retry import DeadlineExceeded, retry
 from commitpoint.errors import (
     CommitConflict,
+    CommitpointError,
     StorageNotFound,
     StoragePermissionError,
     map_errors,
+    protect_loggers,
+    register_secret,
 )
-from commitpoint.storage.base import FsspecStorage
+from commitpoint.storage.base import FsspecStorage, check_small
 from commitpoint.storage.protocol import PointerState
 from commitpoint.storage.upload import bucket_key
 from commitpoint_s3.multipart import ParallelMultipartUpload
@@ -54,6 +57,27 @@ class S3PermissionError(StoragePermissionError):
     ``code`` is S3's error code (e.g. ``AccessDenied``), ``status`` the HTTP status.
     """
 
+_SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_CHATTY_LOGGERS = ("botocore", "aiobotocore", "s3fs", "urllib3", "aiohttp")
+"""Libraries whose DEBUG logs can show a request's signing headers (with the key id)."""
+
+
+def _register_environment_secrets() -> None:
+    """Credentials from the environment are hidden like those given as options, and the HTTP
+    libraries' own log lines pass the same redaction."""
+    import os
+
+    for variable in _SECRET_VARIABLES:
+        value = os.environ.get(variable)
+        if value not in ("anon", "testing"):  # moto's placeholders are no secret
+            register_secret(value)
+    protect_loggers(_CHATTY_LOGGERS)
+
+
+async def _close_body(body: Any) -> None:
+    """Let go of a response body without reading it (an oversized pointer)."""
+    body.close()
+
 
 class S3Backend(FsspecStorage):
     """Checkpoints under ``s3://bucket/prefix``.
@@ -73,6 +97,7 @@ class S3Backend(FsspecStorage):
     def __init__(self, url: str, **storage_options: Any) -> None:
         import s3fs
 
+        _register_environment_secrets()
         self._options, fs_options = S3Options.parse(storage_options)
         self._policy = self._options.retry_policy
         fs_options["config_kwargs"] = self._options.botocore_config(
@@ -154,16 +179,25 @@ class S3Backend(FsspecStorage):
         try:
             response = self._raw("get_object", Bucket=bucket, Key=key)
             body = response["Body"]
+            size = int(response.get("ContentLength") or 0)
 
             async def read_all() -> bytes:
                 async with body as stream:
-                    return bytes(await stream.read())
+                    # Bounded: a pointer never needs more (the size is checked below).
+                    return bytes(await stream.read(min(size, POINTER_LIMIT) + 1))
+
+            if size > POINTER_LIMIT:
+                sync(self.fs.loop, _close_body, body)
+                check_small(self.url_for(name), size, POINTER_LIMIT)
 
             data = sync(self.fs.loop, read_all, timeout=self._options.timeouts.deadline)
+        except CommitpointError:
+            raise
         except Exception as exc:
             if error_code(exc)[0] in {"NoSuchKey", "404"}:
                 return PointerState(None, None)
             raise self._translate_error("read pointer", name, exc) from exc
+        check_small(self.url_for(name), len(data), POINTER_LIMIT)
         return PointerState(self._decode_pointer(name, data), str(response["ETag"]))
 
     def write_pointer_if(self, name: str, value: int, token: str | None) -> str:
