@@ -204,6 +204,8 @@ def test_pages_cite_only_files_the_repository_has() -> None:
                 continue
             if name.startswith(("commitpoint-dir/", "src/commitpoint_dir/")):
                 continue
+            if name.startswith(("trinity/", "verl/", "torch/")):
+                continue  # files of the upstream projects a page compares commitpoint with
             bases = [page.parent, REPO, REPO / "docs", REPO / "src" / "commitpoint"]
             if not any((base / name).exists() for base in bases):
                 missing.append(f"{page.relative_to(REPO)}: {name}")

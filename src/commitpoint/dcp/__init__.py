@@ -11,7 +11,7 @@
 - :func:`export_safetensors`: a weights-only step in safetensors that transformers and vLLM load
   as a folder.
 
-Needs PyTorch (``pip install 'commitpoint[dcp]'``).
+Needs PyTorch (``pip install './[dcp]'`` from this repository).
 """
 
 from commitpoint.dcp.api import async_save, load, save
