@@ -58,6 +58,7 @@ class PreemptionHandler:
         self.result: ReplicationStatus | None = None
         self._previous: Any = None
         self._installed = False
+        self._releasing = False
         self._thread: threading.Thread | None = None
 
     def install(self) -> PreemptionHandler:
@@ -74,6 +75,9 @@ class PreemptionHandler:
             self._installed = False
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._releasing:
+            self._release(signum, frame)
+            return
         if self.preempted.is_set():
             return
         self.preempted.set()
@@ -85,6 +89,16 @@ class PreemptionHandler:
             target=self.run, name="commitpoint-preemption", daemon=False
         )
         self._thread.start()
+
+    def _release(self, signum: int, frame: FrameType | None) -> None:
+        """On the main thread, once the work is done: the previous handler takes over."""
+        self.uninstall()
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGTERM)  # the default action: the process ends
 
     def run(self) -> ReplicationStatus:
         """Steps 1-3 of the module docstring, then (with ``exit``) re-deliver the signal."""
@@ -150,13 +164,7 @@ class PreemptionHandler:
             logger.error("preempted: the replica did not catch up in time: %s", status.describe())
 
     def _let_go(self) -> None:
-        """Hand SIGTERM to whoever handled it before (by default: end the process)."""
-        self.uninstall()
-        previous = self._previous
-        if previous is signal.SIG_IGN:
-            return
-        if previous in (signal.SIG_DFL, None):
-            logging.shutdown()
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        os.kill(os.getpid(), signal.SIGTERM)  # a Python handler runs on the main thread
+        """Hand SIGTERM back: the main thread (where handlers run) restores the previous
+        handler and lets it act (by default: end the process)."""
+        self._releasing = True
+        os.kill(os.getpid(), signal.SIGTERM)
