@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from commitpoint import CheckpointCoordinator, CheckpointMonitor, RetentionPolicy
+from commitpoint.core.layout import Kind, step_dir
+from commitpoint.core.manifest import manifest_path, read_manifest
 from commitpoint.errors import CorruptCheckpoint, InvalidArgument
-from commitpoint.layout import Kind, step_dir
-from commitpoint.manifest import manifest_path, read_manifest
+from commitpoint.read.verify import verify_step
 from commitpoint.replication import (
     OlderSteps,
     Outcome,
@@ -30,7 +31,6 @@ from commitpoint.replication import (
 )
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.testing import CheckpointRoot, commit_step
-from commitpoint.verify import verify_step
 
 FAST = {"backoff_s": 0.01, "max_backoff_s": 0.05}
 
@@ -44,9 +44,7 @@ def _commit(root: CheckpointRoot, steps: dict[int, bool], numel: int = 16) -> No
     monitor.close()
 
 
-def _replicator(
-    local: CheckpointRoot, replica: CheckpointRoot, **options: Any
-) -> Replicator:
+def _replicator(local: CheckpointRoot, replica: CheckpointRoot, **options: Any) -> Replicator:
     body = {**FAST, **options}
     body["storage_options"] = {**replica.storage_options, **body.get("storage_options", {})}
     return Replicator(local.url, replica.url, body, local_options=local.storage_options)
@@ -348,7 +346,9 @@ def test_a_stale_unnamed_replica_step_is_replaced_manifest_first(
     _commit(local, {1: False}, numel=32)
     with _replicator(local, replica) as r:
         assert r.drain(30)
-    assert read_manifest(storage, 1, Kind.STATE_DICT) == read_manifest(local.open(), 1, Kind.STATE_DICT)
+    assert read_manifest(storage, 1, Kind.STATE_DICT) == read_manifest(
+        local.open(), 1, Kind.STATE_DICT
+    )
     assert verify_step(storage, 1, Kind.STATE_DICT).ok
 
 
@@ -377,7 +377,9 @@ class ThreadPoolExecutorContext:
 
 # -- policy for older steps -------------------------------------------------------------------
 @pytest.mark.parametrize("policy", [OlderSteps.UPLOAD, OlderSteps.SKIP])
-def test_older_step_policy(local: CheckpointRoot, replica: CheckpointRoot, policy: OlderSteps) -> None:
+def test_older_step_policy(
+    local: CheckpointRoot, replica: CheckpointRoot, policy: OlderSteps
+) -> None:
     """Steps committed faster than the replica takes them: ``upload`` publishes all in order,
     ``skip`` drops queued ones for the newest; neither leaves a half-published step."""
     slow = {"delay": 1.0, "delay_seconds": 0.15, "operations": ["write"]}
@@ -515,7 +517,9 @@ def test_tiered_reader_prefers_local_then_falls_back_to_the_replica(
     assert (chosen.step, chosen.tier) == (1, Tier.LOCAL)
 
 
-def test_tiered_reader_with_nothing_committed(local: CheckpointRoot, replica: CheckpointRoot) -> None:
+def test_tiered_reader_with_nothing_committed(
+    local: CheckpointRoot, replica: CheckpointRoot
+) -> None:
     reader = TieredReader(local.url, replica.url)
     assert reader.latest_step(Kind.STATE_DICT) is None
     with pytest.raises(CorruptCheckpoint, match="no state_dict step verifies"):

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from commitpoint import CheckpointCoordinator, CheckpointMonitor
-from commitpoint.layout import Kind
-from commitpoint.manifest import read_manifest
+from commitpoint.core.layout import Kind
+from commitpoint.core.manifest import read_manifest
+from commitpoint.read.verify import verify_step
 from commitpoint.replication import Replicator, compare_tiers
 from commitpoint.testing import CheckpointRoot, commit_step
-from commitpoint.verify import verify_step
 
 STEPS = {1: False, 2: True, 3: False, 4: True}
 
@@ -128,7 +128,7 @@ PREEMPTED = textwrap.dedent(
     import json, logging, os, signal, sys, time
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     from commitpoint import CheckpointCoordinator, CheckpointMonitor
-    from commitpoint.layout import Kind
+    from commitpoint.core.layout import Kind
     from commitpoint.replication import PreemptionHandler, Replicator
     from commitpoint.testing import commit_step
     job = json.loads(sys.argv[1])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from commitpoint.errors import InvalidArgument
-from commitpoint.retention import RetentionPolicy
+from commitpoint.maintenance.retention import RetentionPolicy
 
 
 class OlderSteps(str, enum.Enum):
@@ -58,7 +58,7 @@ class ReplicationOptions:
     close_timeout_s: float | None = None
     """How long ``close()`` waits for the queue to reach the replica (None: until it has)."""
     handle_sigterm: bool = False
-    """Install :class:`~commitpoint.replication.PreemptionHandler` for SIGTERM (main thread only)."""
+    """Install a :class:`~commitpoint.replication.PreemptionHandler` (main thread only)."""
     sigterm_deadline_s: float = 30.0
     """Seconds the SIGTERM handler gives saves and the replica before the process exits."""
 
@@ -68,13 +68,17 @@ class ReplicationOptions:
         for name in ("parallel_files", "attempts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgument(f"replication option {name} must be an int >= 1, got {value!r}")
+                raise InvalidArgument(
+                    f"replication option {name} must be an int >= 1, got {value!r}"
+                )
         for name in ("backoff_s", "max_backoff_s", "sigterm_deadline_s", "close_timeout_s"):
             value = getattr(self, name)
             if value is None and name == "close_timeout_s":
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise InvalidArgument(f"replication option {name} must be a number >= 0, got {value!r}")
+                raise InvalidArgument(
+                    f"replication option {name} must be a number >= 0, got {value!r}"
+                )
         if self.retention is not None and not isinstance(self.retention, RetentionPolicy):
             raise InvalidArgument(
                 f"replication option retention must be a RetentionPolicy, got {self.retention!r}"

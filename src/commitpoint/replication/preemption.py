@@ -24,8 +24,8 @@ import time
 from types import FrameType
 from typing import Any
 
+from commitpoint.core.layout import Kind
 from commitpoint.errors import CommitpointError, InvalidArgument
-from commitpoint.layout import Kind
 from commitpoint.replication.replicator import Replicator
 from commitpoint.replication.status import ReplicationStatus
 
@@ -44,7 +44,11 @@ class PreemptionHandler:
         deadline_s: float = 30.0,
         exit: bool = True,
     ) -> None:
-        if isinstance(deadline_s, bool) or not isinstance(deadline_s, int | float) or deadline_s < 0:
+        if (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, int | float)
+            or deadline_s < 0
+        ):
             raise InvalidArgument(f"deadline_s must be a number >= 0, got {deadline_s!r}")
         self.replicator = replicator
         self.coordinator = coordinator

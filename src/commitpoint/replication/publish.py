@@ -26,11 +26,11 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from commitpoint.checksum import CHUNK_SIZE, Checksum
+from commitpoint.core.checksum import CHUNK_SIZE, Checksum
+from commitpoint.core.layout import Kind, is_temporary, step_dir
+from commitpoint.core.manifest import Manifest, manifest_path, read_manifest, write_manifest
+from commitpoint.core.pointer import Advance, advance_pointer
 from commitpoint.errors import CommitpointError, CorruptCheckpoint, StepRegression
-from commitpoint.layout import Kind, is_temporary, step_dir
-from commitpoint.manifest import Manifest, manifest_path, read_manifest, write_manifest
-from commitpoint.pointer import Advance, advance_pointer
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 
 logger = logging.getLogger(__name__)
@@ -121,12 +121,22 @@ def publish_step(
     existing = {m.kind: read_manifest(replica, step, m.kind) for m in manifests}
     values = [replica.read_pointer(name).value for name in pointers]
     named = all(v is not None and v >= step for v in values)
-    if all(existing[m.kind] is not None for m in manifests):
-        if all(_same_files(existing[m.kind], m) for m in manifests) and named:
-            return Published(step, kind, Outcome.ALREADY_THERE, len(files), total, 0,
-                             time.perf_counter() - began, committed_at)
-    stale = [m.kind for m in manifests if existing[m.kind] is not None
-             and not _same_files(existing[m.kind], m)]
+    if named and all(_same_files(existing[m.kind], m) for m in manifests):
+        return Published(
+            step,
+            kind,
+            Outcome.ALREADY_THERE,
+            len(files),
+            total,
+            0,
+            time.perf_counter() - began,
+            committed_at,
+        )
+    stale = [
+        m.kind
+        for m in manifests
+        if existing[m.kind] is not None and not _same_files(existing[m.kind], m)
+    ]
     if stale and any(v is not None and v >= step for v in values):
         # The replica holds another run's step of this number and a pointer covers it (the
         # local tier was rewound): committed data on the replica is never replaced.
@@ -137,8 +147,16 @@ def publish_step(
             kind.value,
             replica.url,
         )
-        return Published(step, kind, Outcome.CONFLICT, len(files), total, 0,
-                         time.perf_counter() - began, committed_at)
+        return Published(
+            step,
+            kind,
+            Outcome.CONFLICT,
+            len(files),
+            total,
+            0,
+            time.perf_counter() - began,
+            committed_at,
+        )
 
     # Files a replica manifest of this step already vouches for need no second upload; a stale
     # replica manifest (never named) is removed first, so no reader can verify the step against
@@ -169,7 +187,9 @@ def publish_step(
             return Published(step, kind, Outcome.STOPPED, len(files), total)
         raise errors[0]
 
-    stored = {i.path: i.size for i in replica.list_files(step_dir(step)) if not is_temporary(i.path)}
+    stored = {
+        i.path: i.size for i in replica.list_files(step_dir(step)) if not is_temporary(i.path)
+    }
     problems = [
         f"{r.path}: uploaded {r.size} bytes, replica holds "
         + ("nothing" if r.path not in stored else f"{stored[r.path]} bytes")
@@ -188,8 +208,9 @@ def publish_step(
             write_manifest(replica, manifest)
     moved = [_advance(replica, name, step, check_lease) for name in pointers]
     outcome = Outcome.PUBLISHED if moved[0] is not None else Outcome.SUPERSEDED
-    return Published(step, kind, outcome, len(files), total, uploaded,
-                     time.perf_counter() - began, committed_at)
+    return Published(
+        step, kind, outcome, len(files), total, uploaded, time.perf_counter() - began, committed_at
+    )
 
 
 def _names(replica: StorageBackend, name: str, step: int) -> bool:

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from commitpoint.core.layout import Kind, parse_step_dir
+from commitpoint.core.manifest import read_manifest_for
 from commitpoint.errors import CommitpointError, CorruptCheckpoint
-from commitpoint.layout import Kind, parse_step_dir
-from commitpoint.manifest import read_manifest_for
-from commitpoint.reader import CheckpointReader
+from commitpoint.read.reader import CheckpointReader
+from commitpoint.read.verify import VerifyReport, verify_step
 from commitpoint.storage.protocol import StorageBackend
-from commitpoint.verify import VerifyReport, verify_step
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ class TieredReader:
                 pointer = reader.latest_step(kind)
                 if pointer is None:
                     continue
-                steps = [s for s in map(parse_step_dir, reader.storage.list_dirs("")) if s is not None]
+                steps = [
+                    s for s in map(parse_step_dir, reader.storage.list_dirs("")) if s is not None
+                ]
                 found[tier] = sorted(
                     (s for s in steps if s <= pointer and _has_manifest(reader.storage, s, kind)),
                     reverse=True,

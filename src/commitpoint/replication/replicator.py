@@ -30,9 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from commitpoint.core.layout import Kind, check_step
+from commitpoint.core.lease import WriterLease
 from commitpoint.errors import InvalidArgument, WriterFenced
-from commitpoint.layout import Kind, check_step
-from commitpoint.lease import WriterLease
+from commitpoint.maintenance.retention import RetentionPolicy, RetentionResult
 from commitpoint.replication.options import OlderSteps, ReplicationOptions
 from commitpoint.replication.publish import Outcome, Published, local_manifests, publish_step
 from commitpoint.replication.status import (
@@ -43,7 +44,6 @@ from commitpoint.replication.status import (
     step_kinds,
     unreplicated_kinds,
 )
-from commitpoint.retention import RetentionPolicy, RetentionResult
 from commitpoint.storage.protocol import StorageBackend
 from commitpoint.storage.registry import open_storage
 
@@ -215,8 +215,9 @@ class Replicator:
             self._pool.shutdown(wait=True)
             self._pool = None
         status = self.status()
-        logger.info("replication %s -> %s closed: %s", self.local.url, self.replica.url,
-                    status.describe())
+        logger.info(
+            "replication %s -> %s closed: %s", self.local.url, self.replica.url, status.describe()
+        )
         return status
 
     def __enter__(self) -> Replicator:
@@ -294,8 +295,9 @@ class Replicator:
                 step = min(self._pending)
                 queued = self._pending.pop(step)
                 kind = max(queued.kinds, key=_rank)
-                self._in_flight = _InFlight(step, kind, queued.since, queued.bytes or 0, 0,
-                                            queued.kinds)
+                self._in_flight = _InFlight(
+                    step, kind, queued.since, queued.bytes or 0, 0, queued.kinds
+                )
             try:
                 self._publish_with_retries(step, kind)
             finally:
@@ -306,8 +308,9 @@ class Replicator:
     def _size_queued(self) -> None:
         """Read the size of newly queued steps from their local manifests (for lag bytes)."""
         with self._cond:
-            unsized = [(s, max(q.kinds, key=_rank)) for s, q in self._pending.items()
-                       if q.bytes is None]
+            unsized = [
+                (s, max(q.kinds, key=_rank)) for s, q in self._pending.items() if q.bytes is None
+            ]
         for step, kind in unsized:
             try:
                 size = sum(m.total_bytes for m in local_manifests(self.local, step, kind))
@@ -333,8 +336,9 @@ class Replicator:
                 dropped.append(step)
         if dropped:
             self._skipped.extend(dropped)
-            logger.info("replica %s: skipping steps %s (newer steps queued)", self.replica.url,
-                        dropped)
+            logger.info(
+                "replica %s: skipping steps %s (newer steps queued)", self.replica.url, dropped
+            )
         return dropped
 
     def _on_bytes(self, count: int) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from commitpoint.layout import Kind, parse_step_dir
-from commitpoint.manifest import read_manifest
+from commitpoint.core.layout import Kind, parse_step_dir
+from commitpoint.core.manifest import read_manifest
 from commitpoint.storage.protocol import StorageBackend
 
 
@@ -67,9 +67,7 @@ class ReplicationStatus:
 
     def describe(self) -> str:
         """One log line: where each kind's newest step is durable, and the lag."""
-        parts = [
-            f"{k.value}: local {self.local[k]}, replica {self.replica[k]}" for k in Kind
-        ]
+        parts = [f"{k.value}: local {self.local[k]}, replica {self.replica[k]}" for k in Kind]
         text = (
             f"{'; '.join(parts)}; lag {self.lag_steps} steps, {self.lag_seconds:.1f} s, "
             f"{self.lag_bytes} bytes"
@@ -116,8 +114,9 @@ class TierComparison:
     def unreplicated(self) -> tuple[TierStep, ...]:
         """Steps committed locally (at or below a local pointer) that the replica's pointer
         of their kind has not reached yet: what a restarted replicator uploads."""
-        return tuple(s for s in self.steps if unreplicated_kinds(s.step, s.local, self.local,
-                                                                  self.replica))
+        return tuple(
+            s for s in self.steps if unreplicated_kinds(s.step, s.local, self.local, self.replica)
+        )
 
     @property
     def lag_steps(self) -> int:
@@ -178,6 +177,7 @@ def compare_tiers(local: StorageBackend, replica: StorageBackend) -> TierCompari
             kind = Kind.CHECKPOINT if Kind.CHECKPOINT in here[step] else Kind.STATE_DICT
             manifest = read_manifest(local, step, kind)
             size = manifest.total_bytes if manifest is not None else 0
-        steps.append(TierStep(step, here.get(step, frozenset()), there.get(step, frozenset()),
-                              size))
+        steps.append(
+            TierStep(step, here.get(step, frozenset()), there.get(step, frozenset()), size)
+        )
     return TierComparison(local.url, replica.url, local_pointers, replica_pointers, tuple(steps))
