@@ -164,9 +164,7 @@ def test_ls_shows_both_tiers_and_the_lag(
     assert lines[2].split()[-2:] == ["state_dict,checkpoint", "state_dict,checkpoint"]
     assert lines[3].split()[-1] == "-"  # step 3 is not on the replica
     assert "lag 1 steps" in lines[-1] and "in steps [3]" in lines[-1]
-    code, out = _cli(
-        "ls", local_checkpoint_root.url, "--json", "--replica", replica.url, *options
-    )
+    code, out = _cli("ls", local_checkpoint_root.url, "--json", "--replica", replica.url, *options)
     data = json.loads(out)
     assert data["replica"]["latest"] == {"state_dict": 2, "checkpoint": 2}
     assert data["replica"]["unreplicated"] == [3] and data["replica"]["lag_bytes"] > 0
