@@ -102,7 +102,7 @@ def test_checkpoint_after_its_state_dict_uploads_only_the_new_files(
         assert replicator.drain(30)
         first = replicator.status().bytes_uploaded
         # The checkpoint of step 1 follows: write optim.pt and commit the checkpoint kind.
-        from commitpoint.torch_io import save_torch
+        from commitpoint import save_torch
 
         coordinator.save_async(
             "optim", lambda: save_torch(coordinator.storage, "global_step_1/optim.pt", {"x": 1}), 1
@@ -207,8 +207,9 @@ def test_plain_readers_only_see_complete_steps(
 
 
 # -- faults on the replica --------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [7, 8, 9])
 def test_transient_replica_faults_are_retried_until_published(
-    local: CheckpointRoot, replica: CheckpointRoot, caplog: pytest.LogCaptureFixture
+    local: CheckpointRoot, replica: CheckpointRoot, caplog: pytest.LogCaptureFixture, seed: int
 ) -> None:
     _commit(local, {1: False, 2: True, 3: True})
     faults = {
@@ -217,7 +218,7 @@ def test_transient_replica_faults_are_retried_until_published(
         "truncate": 0.1,
         "lose_tail": 0.1,
         "operations": ["write", "write_pointer", "list"],
-        "seed": 7,
+        "seed": seed,
     }
     caplog.set_level(logging.WARNING, "commitpoint.replication")
     with _replicator(local, replica, attempts=30, storage_options={"faults": faults}) as r:
@@ -350,6 +351,20 @@ def test_a_stale_unnamed_replica_step_is_replaced_manifest_first(
         local.open(), 1, Kind.STATE_DICT
     )
     assert verify_step(storage, 1, Kind.STATE_DICT).ok
+
+
+def test_a_torn_unnamed_replica_manifest_is_replaced(
+    local: CheckpointRoot, replica: CheckpointRoot
+) -> None:
+    _commit(local, {1: False})
+    storage = replica.open()
+    storage.write_bytes(manifest_path(1, Kind.STATE_DICT), b'{"format": 1, "st', track=False)
+    with _replicator(local, replica) as r:
+        assert r.drain(30)
+    assert read_manifest(storage, 1, Kind.STATE_DICT) == read_manifest(
+        local.open(), 1, Kind.STATE_DICT
+    )
+    assert storage.read_pointer(Kind.STATE_DICT.pointer).value == 1
 
 
 def test_a_named_replica_step_is_never_replaced(

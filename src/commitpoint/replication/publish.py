@@ -118,8 +118,13 @@ def publish_step(
     committed_at = max(m.created_at for m in manifests)
     pointers = [kind.pointer] + ([Kind.STATE_DICT.pointer] if kind is Kind.CHECKPOINT else [])
 
-    existing = {m.kind: read_manifest(replica, step, m.kind) for m in manifests}
-    values = [replica.read_pointer(name).value for name in pointers]
+    # One listing tells what the replica already holds of the step; only when it holds a
+    # manifest do its pointers matter (a finished or conflicting step).
+    stored = {i.path: i.size for i in replica.list_files(step_dir(step))}
+    existing = {m.kind: _stored_manifest(replica, stored, step, m.kind) for m in manifests}
+    values: list[int | None] = [None] * len(pointers)
+    if any(existing.values()):
+        values = [replica.read_pointer(name).value for name in pointers]
     named = all(v is not None and v >= step for v in values)
     if named and all(_same_files(existing[m.kind], m) for m in manifests):
         return Published(
@@ -162,7 +167,6 @@ def publish_step(
     # replica manifest (never named) is removed first, so no reader can verify the step against
     # it while its files change.
     verified: set[str] = set()
-    stored = {i.path: i.size for i in replica.list_files(step_dir(step))}
     for manifest in manifests:
         there = existing[manifest.kind]
         if there is None:
@@ -213,10 +217,18 @@ def publish_step(
     )
 
 
-def _names(replica: StorageBackend, name: str, step: int) -> bool:
-    """True if pointer ``name`` names ``step`` or a later one."""
-    value = replica.read_pointer(name).value
-    return value is not None and value >= step
+def _stored_manifest(
+    replica: StorageBackend, stored: dict[str, int], step: int, kind: Kind
+) -> Manifest | None:
+    """The replica's manifest of ``step`` and ``kind`` if the listing ``stored`` shows one."""
+    path = manifest_path(step, kind)
+    if path not in stored:
+        return None
+    try:
+        return Manifest.from_json(replica.read_bytes(path), replica.url_for(path))
+    except CorruptCheckpoint as exc:  # a torn write of an earlier try: stale, never a match
+        logger.warning("unreadable manifest on the replica: %s", exc)
+        return Manifest(step, kind, ())
 
 
 def _same_files(there: Manifest | None, here: Manifest) -> bool:
