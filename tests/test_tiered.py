@@ -199,3 +199,13 @@ def test_ray_actor_monitor_replicates(
     finally:
         ray_cluster.kill(actor)
     assert verify_step(CheckpointRoot(replica).open(), 2, Kind.STATE_DICT).ok
+
+
+def test_tiered_page_embeds_the_example_that_runs() -> None:
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    example = (docs / "examples" / "test_tiered_training.py").read_text().rstrip()
+    page = (docs / "tiered.md").read_text()
+    assert f"```python\n{example}\n```" in page
+    assert "(tiered.md)" in (docs / "index.md").read_text()
