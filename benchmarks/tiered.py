@@ -1,7 +1,8 @@
 """Tiered commit: local first, replica in the background, against a local root and a direct root.
 
 For each object store (S3 on moto, GCS on fake-gcs-server, both over real HTTP on 127.0.0.1) and
-state-dict size, the same steps run in the same process, one after another, on
+state-dict size, the same steps run in the same process, one after another (the two local roots
+take turns going first), on
 
 - a **local root** (the floor: what training waits on without a replica),
 - a **tiered** root (``CheckpointMonitor(local, replicate_to=store)``),
@@ -11,10 +12,11 @@ and, right after each tiered step reached the replica, a **raw upload** of the s
 store's own client (boto3 ``upload_file`` with its defaults / gcsfs ``put_file``), never at the
 same time as anything else. Measured per step: the training-visible stall (``save_async`` plus
 registration), the local commit (from the save's file closing to the local pointer naming the
-step; goal <= 5 ms and equal to the local root), and the replica (from the local commit to the
-replica pointer naming the step, uploaded, verified against the local manifest, manifest
-written; goal <= 1.1x the raw upload). The direct root's commit is from the file closing on the
-store to its pointer naming the step; its "until visible" row counts from the save's start.
+step, taken by a commit listener; goal <= 5 ms and equal to the local root), and the replica
+(from the local commit until the replicator reports the replica pointer naming the step:
+uploaded, verified against the local manifest, manifest written; goal <= 1.1x the raw upload).
+The direct root's commit is from the file closing on the store to its pointer naming the step;
+its "save start -> pointer" row counts from the save's start.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ class _Steps:
         self.stall: list[float] = []
         self.commit: list[float] = []
         self.visible: list[float] = []
+        self._committed: dict[int, float] = {}
+        # The commit's own instant, taken on the commit thread right after the pointer moved (a
+        # poller would also count how long it waited for the GIL while uploads run).
+        monitor.add_commit_listener(self._on_commit)
+
+    def _on_commit(self, step: int, kind: Any) -> None:
+        self._committed.setdefault(step, time.perf_counter())
 
     def run(self, step: int) -> float:
         """One step; returns the instant its pointer named it on the monitor's root."""
@@ -83,12 +92,13 @@ class _Steps:
         self.coordinator.save_async("model", save, step, True)
         self.stall.append(time.perf_counter() - start)
         local = storage.url.startswith("/") or "://" not in storage.url
-        committed = _wait(
+        _wait(
             lambda: self.monitor.latest_state_dict_step() == step,
             f"step {step} not committed on {storage.url}",
             poll=0.0002 if local else 0.001,
         )
         self.coordinator.wait_all()
+        committed = self._committed[step]
         self.commit.append(committed - closed[0])
         self.visible.append(committed - start)
         return committed
@@ -166,10 +176,13 @@ def measure(store: str, size: int, steps: int) -> list[Row]:
             return check
 
         for step in range(1, steps + 1):
-            plain.run(step)
+            if step % 2:  # alternate which of the two local roots commits first
+                plain.run(step)
             committed = tiered.run(step)
             reached = _wait(replicated(step), f"step {step} not replicated", poll=0.001)
             replica_s.append(reached - committed)
+            if not step % 2:
+                plain.run(step)
             source = tiered.coordinator.storage.full_path(f"global_step_{step}/model.pt")
             began = time.perf_counter()
             upload(source, f"raw/{step}/model.pt")

@@ -209,3 +209,39 @@ def test_tiered_page_embeds_the_example_that_runs() -> None:
     page = (docs / "tiered.md").read_text()
     assert f"```python\n{example}\n```" in page
     assert "(tiered.md)" in (docs / "index.md").read_text()
+
+
+def test_plain_local_saves_reach_the_replica(
+    local_checkpoint_root: CheckpointRoot, s3_checkpoint_root: CheckpointRoot
+) -> None:
+    """Trinity-RFT's way of saving: ``os.makedirs`` + ``torch.save(path)`` on the local disk,
+    nothing through commitpoint's writer. The monitor lists and checksums those files, and the
+    replica gets them with the same checks."""
+    import os
+
+    import torch
+
+    replica = s3_checkpoint_root
+    monitor = CheckpointMonitor(
+        local_checkpoint_root.url,
+        replicate_to=replica.url,
+        replicate_options={"storage_options": replica.storage_options},
+    )
+    coordinator = CheckpointCoordinator(monitor)
+
+    def trinity_save(step: int) -> None:
+        folder = os.path.join(local_checkpoint_root.url, f"global_step_{step}", "actor")
+        os.makedirs(folder, exist_ok=True)
+        torch.save({"w": torch.full((1000,), float(step))}, os.path.join(folder, "model.pt"))
+
+    coordinator.save_async("actor", lambda: trinity_save(3), 3, is_state_dict=True)
+    coordinator.register_and_monitor_sync(3, True, state_dict_thread_count=1)
+    coordinator.wait_all()
+    monitor.close()
+    storage = replica.open()
+    assert storage.read_pointer(Kind.STATE_DICT.pointer).value == 3
+    manifest = read_manifest(storage, 3, Kind.STATE_DICT)
+    assert manifest is not None
+    listed = [(r.path, r.tracked) for r in manifest.files]
+    assert listed == [("global_step_3/actor/model.pt", False)]
+    assert verify_step(storage, 3, Kind.STATE_DICT).ok
