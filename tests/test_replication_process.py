@@ -132,15 +132,23 @@ PREEMPTED = textwrap.dedent(
     from commitpoint.replication import PreemptionHandler, Replicator
     from commitpoint.testing import commit_step
     job = json.loads(sys.argv[1])
-    monitor = CheckpointMonitor(job["local"])
-    coordinator = CheckpointCoordinator(monitor)
-    replicator = Replicator(job["local"], job["replica"], job["options"]).start()
-    handler = PreemptionHandler(
-        replicator, coordinator=coordinator, monitor=monitor, deadline_s=30
-    ).install()
+    if job["mode"] == "handler":
+        monitor = CheckpointMonitor(job["local"])
+        coordinator = CheckpointCoordinator(monitor)
+        replicator = Replicator(job["local"], job["replica"], job["options"]).start()
+        handler = PreemptionHandler(
+            replicator, coordinator=coordinator, monitor=monitor, deadline_s=30
+        ).install()
+    else:  # the monitor's own option
+        options = {**job["options"], "handle_sigterm": True, "sigterm_deadline_s": 30}
+        monitor = CheckpointMonitor(
+            job["local"], replicate_to=job["replica"], replicate_options=options
+        )
+        coordinator = CheckpointCoordinator(monitor)
     for step in range(1, 5):
         commit_step(coordinator, step, numel=250_000)
-        replicator.submit(step, Kind.STATE_DICT)
+        if job["mode"] == "handler":
+            replicator.submit(step, Kind.STATE_DICT)
     os.kill(os.getpid(), signal.SIGTERM)  # the cloud preempts the machine
     while True:  # a training loop that keeps going until the process is ended
         time.sleep(0.05)
@@ -148,8 +156,9 @@ PREEMPTED = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("mode", ["handler", "monitor option"])
 def test_sigterm_replicates_the_newest_step_and_reports_then_exits(
-    local_checkpoint_root: CheckpointRoot, tmp_path: Any
+    local_checkpoint_root: CheckpointRoot, tmp_path: Any, mode: str
 ) -> None:
     from commitpoint.testing import local_root
 
@@ -159,6 +168,7 @@ def test_sigterm_replicates_the_newest_step_and_reports_then_exits(
             "local": local_checkpoint_root.url,
             "replica": replica.url,
             "options": {"storage_options": {"faults": slow}},
+            "mode": mode,
         }
         result = subprocess.run(
             [sys.executable, "-c", PREEMPTED, json.dumps(job)],
