@@ -539,3 +539,25 @@ def test_tiered_reader_with_nothing_committed(
     assert reader.latest_step(Kind.STATE_DICT) is None
     with pytest.raises(CorruptCheckpoint, match="no state_dict step verifies"):
         reader.resolve()
+
+
+def test_bad_inputs_are_refused_with_typed_errors(
+    local: CheckpointRoot, replica: CheckpointRoot
+) -> None:
+    from commitpoint import BackendNotFound, CheckpointMonitor
+    from commitpoint.errors import InvalidStep
+
+    r = _replicator(local, replica)
+    with pytest.raises(InvalidStep):
+        r.submit(-1, Kind.STATE_DICT)
+    with pytest.raises(InvalidStep):
+        r.submit(True, Kind.STATE_DICT)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="kind must be one of"):
+        r.submit(1, "weights")
+    with pytest.raises(InvalidArgument, match="URL or a StorageBackend"):
+        Replicator(local.url, 5)  # type: ignore[arg-type]
+    with pytest.raises(BackendNotFound):
+        CheckpointMonitor(local.url, replicate_to="nosuch://bucket/run")
+    with pytest.raises(InvalidArgument, match="replicate_options"):
+        CheckpointMonitor(local.url, replicate_to=replica.url, replicate_options=[1])  # type: ignore[arg-type]
+    assert r.status().pending == ()
