@@ -115,6 +115,7 @@ class Replicator:
         """Take the replica's lease, queue what the replica misses, and start uploading."""
         if self._thread is not None:
             return self
+        self._stop.clear()
         self._lease = WriterLease(self.replica, seal=[kind.pointer for kind in Kind])
         local_pointers, replica_pointers = pointers(self.local), pointers(self.replica)
         with self._cond:
