@@ -11,7 +11,8 @@ starting saves), then, on its own thread so the signal handler returns at once,
 3. logs what is durable where (local pointers, replica pointers, what is lost with the disk),
 
 all within ``deadline_s``, and then lets the signal take its course: the handler that was there
-before runs (the default one ends the process, as SIGTERM would have without us).
+before runs (the default one ends the process, as SIGTERM would have without us). A second
+SIGTERM meanwhile hands over at once.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class PreemptionHandler:
         if self._releasing:
             self._release(signum, frame)
             return
-        if self.preempted.is_set():
+        if self.preempted.is_set():  # a second SIGTERM: the operator insists
+            logger.error("second SIGTERM: exiting without waiting for the replica")
+            self._release(signum, frame)
             return
         self.preempted.set()
         logger.warning(
