@@ -183,3 +183,59 @@ def test_sigterm_replicates_the_newest_step_and_reports_then_exits(
         assert verify_step(storage, 4, Kind.STATE_DICT).ok
         assert "state_dict step 4 is durable locally and on the replica" in result.stderr
         assert "not replicating older steps" in result.stderr  # the newest went first
+
+
+STUBBORN = textwrap.dedent(
+    """
+    import json, logging, sys, time
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    from commitpoint import CheckpointCoordinator, CheckpointMonitor
+    from commitpoint.core.layout import Kind
+    from commitpoint.replication import PreemptionHandler, Replicator
+    from commitpoint.testing import commit_step
+    job = json.loads(sys.argv[1])
+    monitor = CheckpointMonitor(job["local"])
+    coordinator = CheckpointCoordinator(monitor)
+    commit_step(coordinator, 1)
+    replicator = Replicator(job["local"], job["replica"], job["options"]).start()
+    PreemptionHandler(replicator, deadline_s=600).install()
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.05)
+    """
+)
+
+
+def test_a_second_sigterm_ends_the_process_at_once(
+    local_checkpoint_root: CheckpointRoot, tmp_path: Any
+) -> None:
+    from commitpoint.testing import local_root
+
+    with local_root(str(tmp_path)) as replica:
+        stuck = {"delay": 1.0, "delay_seconds": 600, "operations": ["write"]}
+        job = {
+            "local": local_checkpoint_root.url,
+            "replica": replica.url,
+            "options": {"storage_options": {"faults": stuck}},
+        }
+        child = subprocess.Popen(
+            [sys.executable, "-c", STUBBORN, json.dumps(job)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(),
+            text=True,
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+            child.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert child.poll() is None  # still waiting for the (stuck) replica
+            child.send_signal(signal.SIGTERM)
+            _, stderr = child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == -signal.SIGTERM
+        assert "second SIGTERM" in stderr
+        assert replica.open().read_pointer(Kind.STATE_DICT.pointer).value is None
