@@ -469,8 +469,6 @@ def _worker_main() -> int:
 
     with contextlib.suppress(ImportError):  # the S3 backend, when installed, is imported ahead
         import commitpoint_s3  # noqa: F401
-    with contextlib.suppress(ImportError):
-        import commitpoint_gcs  # noqa: F401
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
