@@ -177,6 +177,14 @@ def publish_step(
             existing[manifest.kind] = None
         else:
             verified.update(r.path for r in there.files if stored.get(r.path) == r.size)
+    for other in Kind:  # a manifest the local step no longer has (its state dict's) vouches too
+        there = None if other in existing else _stored_manifest(replica, stored, step, other)
+        for r in there.files if there is not None else ():
+            mine = files.get(r.path)
+            key = (r.size, r.checksum, r.algorithm)
+            matches = mine is not None and (mine.size, mine.checksum, mine.algorithm) == key
+            if matches and stored.get(r.path) == r.size:
+                verified.add(r.path)
     todo = [r for path, r in sorted(files.items()) if path not in verified]
     uploaded = sum(r.size for r in todo)
     futures = [pool.submit(_copy_file, local, replica, r, should_stop, on_bytes) for r in todo]
