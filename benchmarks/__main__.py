@@ -45,6 +45,7 @@ MODULES = (
     "gcs_throughput",
     "staging_stall",
     "dcp_throughput",
+    "tiered",
 )
 """Every benchmark module, in the order they run and appear; missing ones are skipped."""
 
@@ -56,6 +57,7 @@ OURS = {
     "load_throughput",
     "staging_stall",
     "dcp_throughput",
+    "tiered",
 }
 SIZED = {"stall", "local_throughput", "load_throughput", "staging_stall", "dcp_throughput"}
 PREFERRED = ("case", "method", "median", "min", "max", "unit", "runs", "ratio", "ratio_to")

@@ -47,6 +47,7 @@ from commitpoint.errors import (
 from commitpoint.maintenance.retention import DEFAULT_ORPHAN_MIN_AGE_S, RetentionPolicy
 from commitpoint.maintenance.rewind import BOTH, rewind
 from commitpoint.read.verify import VerifyReport, verify_step
+from commitpoint.replication.status import compare_tiers
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 from commitpoint.storage.registry import open_storage
 
@@ -178,8 +179,12 @@ def _verify(storage: StorageBackend, step: int, kind: Kind, out: _Out) -> Verify
 # -- commands ------------------------------------------------------------------------------------
 def _cmd_ls(args: argparse.Namespace, out: _Out) -> int:
     storage = _open(args)
+    replica = open_storage(args.replica, **_options(args.replica_option)) if args.replica else None
     pointers = {k: storage.read_pointer(k.pointer).value for k in Kind}
     steps = sorted(s for n in storage.list_dirs("") if (s := parse_step_dir(n)) is not None)
+    tiers = compare_tiers(storage, replica) if replica is not None else None
+    if tiers is not None:  # steps only the replica still holds are listed too
+        steps = sorted({*steps, *(s.step for s in tiers.steps)})
     rows: list[dict[str, Any]] = []
     failed = False
     for step in steps:
@@ -201,37 +206,68 @@ def _cmd_ls(args: argparse.Namespace, out: _Out) -> int:
             verified = report.ok
             problems = [str(p) for p in report.problems]
             failed = failed or not report.ok
-        rows.append(
-            {
-                "step": step,
-                "kinds": [k.value for k in kinds],
-                "files": files,
-                "bytes": size,
-                "verified": verified,
-                "problems": problems,
-                "latest": [k.value for k in Kind if pointers[k] == step],
-            }
-        )
+        row: dict[str, Any] = {
+            "step": step,
+            "kinds": [k.value for k in kinds],
+            "files": files,
+            "bytes": size,
+            "verified": verified,
+            "problems": problems,
+            "latest": [k.value for k in Kind if pointers[k] == step],
+        }
+        if tiers is not None:
+            there = next((s for s in tiers.steps if s.step == step), None)
+            held = there.replica if there is not None else frozenset()
+            if Kind.CHECKPOINT in held:  # as locally: the checkpoint covers its state dict
+                held = held | {Kind.STATE_DICT}
+            order = (Kind.STATE_DICT, Kind.CHECKPOINT)
+            row["replica_kinds"] = [k.value for k in order if k in held]
+            row["replica_latest"] = [k.value for k in Kind if tiers.replica[k] == step]
+        rows.append(row)
+    headers = ["STEP", "KINDS", "FILES", "BYTES", "VERIFIED", "LATEST"]
+    if tiers is not None:
+        headers += ["REPLICA", "REPLICA LATEST"]
     text = _table(
-        ("STEP", "KINDS", "FILES", "BYTES", "VERIFIED", "LATEST"),
+        headers,
         [
             (
                 r["step"],
-                ",".join(r["kinds"]) or "(uncommitted)",
+                ",".join(r["kinds"]) or ("-" if r.get("replica_kinds") else "(uncommitted)"),
                 r["files"],
                 r["bytes"],
                 "-" if r["verified"] is None else ("ok" if r["verified"] else "FAILED"),
                 ",".join(r["latest"]),
+                *(
+                    (",".join(r["replica_kinds"]) or "-", ",".join(r["replica_latest"]))
+                    if tiers is not None
+                    else ()
+                ),
             )
             for r in rows
         ],
     )
     if not rows:
         text = f"no steps under {storage.url}"
-    out.emit(
-        {"url": storage.url, "latest": {k.value: v for k, v in pointers.items()}, "steps": rows},
-        text,
-    )
+    body: dict[str, Any] = {
+        "url": storage.url,
+        "latest": {k.value: v for k, v in pointers.items()},
+        "steps": rows,
+    }
+    if tiers is not None:
+        missing = [s.step for s in tiers.unreplicated]
+        body["replica"] = {
+            "url": tiers.replica_url,
+            "latest": {k.value: v for k, v in tiers.replica.items()},
+            "lag_steps": tiers.lag_steps,
+            "lag_bytes": tiers.lag_bytes,
+            "unreplicated": missing,
+        }
+        text += (
+            f"\nreplica {tiers.replica_url}: "
+            + ", ".join(f"{k.value} {tiers.replica[k]} (local {pointers[k]})" for k in Kind)
+            + f"; lag {tiers.lag_steps} steps, {_size(tiers.lag_bytes)} in steps {missing}"
+        )
+    out.emit(body, text)
     if failed:
         return CORRUPT
     return OK if rows else NOT_FOUND
@@ -398,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", parents=[common], help="list steps (verifies them unless told not)")
     ls.add_argument("--no-verify", action="store_true", help="skip re-reading the files")
+    ls.add_argument("--replica", metavar="URL", help="also show this replica tier and the lag")
+    ls.add_argument(
+        "--replica-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="storage option of the replica, repeatable",
+    )
     ls.set_defaults(run=_cmd_ls)
 
     latest = sub.add_parser("latest", parents=[common], help="the latest committed steps")

@@ -13,6 +13,7 @@ A save that would write into a committed step is answered before it runs
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +25,10 @@ from commitpoint.monitor import reopen as reopening
 from commitpoint.monitor.commit import CommitListener, CommitPipeline
 from commitpoint.monitor.ledger import StepLedger
 from commitpoint.monitor.slots import SaveStrategy, SlotScheduler
+from commitpoint.replication.options import ReplicationOptions
+from commitpoint.replication.preemption import PreemptionHandler
+from commitpoint.replication.replicator import Replicator
+from commitpoint.replication.status import ReplicationStatus
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 from commitpoint.storage.registry import open_storage
 
@@ -39,31 +44,40 @@ class CheckpointMonitor:
         storage_options: Mapping[str, Any] | None = None,
         save_strategy: object = SaveStrategy.UNRESTRICTED,
         retention: Any | None = None,
-        replicate_to: str | None = None,
+        replicate_to: str | StorageBackend | None = None,
+        replicate_options: ReplicationOptions | Mapping[str, Any] | None = None,
     ) -> None:
         """``retention`` (a :class:`commitpoint.RetentionPolicy`) is applied in the background
         after each commit; it never deletes a step a pointer names or one in flight.
         ``save_strategy``: any enum or string naming a :class:`SaveStrategy` (any case).
-        ``replicate_to``: the replica tier's root (Trinity-RFT's ``default_hdfs_dir``)."""
+
+        ``replicate_to`` (any URL with a backend; Trinity-RFT's ``default_hdfs_dir``) makes a
+        second tier: each step commits here first, then a
+        :class:`~commitpoint.replication.Replicator` publishes it there in the background
+        (``replicate_options``: a :class:`~commitpoint.replication.ReplicationOptions` or its
+        mapping). Local retention then also keeps the steps the replica lacks."""
         self._storage_url = storage_url
         self._storage_options = dict(storage_options or {})
         strategy = SaveStrategy.parse(save_strategy)
-        if replicate_to is not None and not isinstance(replicate_to, str):
+        if replicate_to is not None and not isinstance(replicate_to, str | StorageBackend):
             raise InvalidArgument(f"replicate_to must be a URL or path, got {replicate_to!r}")
-        self._replicate_to = replicate_to
-        if replicate_to is not None:
-            logger.warning(
-                "replicate_to=%r is recorded, but this monitor does not replicate yet: only the "
-                "local root is committed",
-                replicate_to,
-            )
+        self._replicate_to = (
+            replicate_to if isinstance(replicate_to, str | None) else replicate_to.url
+        )
         self._storage = open_storage(storage_url, **self._storage_options)
         self._lease = WriterLease(self._storage, seal=[kind.pointer for kind in Kind])
         self._ledger = StepLedger()
         self._slots = SlotScheduler(strategy)
         self._pipeline = CommitPipeline(self._storage, self._lease, self._ledger)
+        self._replicator: Replicator | None = None
+        in_flight = self._ledger.pending_steps
+        if replicate_to is not None:
+            self._replicator = Replicator(self._storage, replicate_to, replicate_options)
+            self._pipeline.add_listener(self._replicator.submit)
+            if self._replicator.options.protect_unreplicated:
+                in_flight = self._unreplicated_or_pending
         self._retention = (
-            BackgroundRetention(retention, self._storage, self._ledger.pending_steps)
+            BackgroundRetention(retention, self._storage, in_flight)
             if retention is not None
             else None
         )
@@ -78,6 +92,27 @@ class CheckpointMonitor:
             latest[Kind.STATE_DICT],
             latest[Kind.CHECKPOINT],
         )
+        if self._replicator is not None:
+            self._replicator.start()
+            if self._replicator.options.handle_sigterm:
+                self._install_preemption_handler()
+
+    def _unreplicated_or_pending(self) -> list[int]:
+        """What local retention must keep: open steps, and steps the replica lacks."""
+        assert self._replicator is not None
+        unreplicated = self._replicator.unreplicated(self._storage)
+        return sorted({*self._ledger.pending_steps(), *unreplicated})
+
+    def _install_preemption_handler(self) -> None:
+        assert self._replicator is not None
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("handle_sigterm needs the monitor on the main thread; not installed")
+            return
+        PreemptionHandler(
+            self._replicator,
+            monitor=self,
+            deadline_s=self._replicator.options.sigterm_deadline_s,
+        ).install()
 
     # -- Ray ----------------------------------------------------------------------------------
     @classmethod
@@ -93,6 +128,7 @@ class CheckpointMonitor:
         default_local_dir: str | None = None,
         default_hdfs_dir: str | None = None,
         replicate_to: str | None = None,
+        replicate_options: ReplicationOptions | Mapping[str, Any] | None = None,
         resume_from_checkpoint: bool | None = None,
         **actor_options: Any,
     ) -> Any:
@@ -122,6 +158,7 @@ class CheckpointMonitor:
                 retention=retention,
                 replicate_to=replicate_to,
                 default_hdfs_dir=default_hdfs_dir,
+                replicate_options=replicate_options,
                 resume_from_checkpoint=resume_from_checkpoint,
                 actor_options=actor_options,
             ),
@@ -158,6 +195,10 @@ class CheckpointMonitor:
 
     def pending_steps(self) -> list[int]:
         return self._ledger.pending_steps()
+
+    def replication_status(self) -> ReplicationStatus | None:
+        """Lag of the replica tier in steps, seconds and bytes (None without ``replicate_to``)."""
+        return None if self._replicator is None else self._replicator.status()
 
     def add_commit_listener(self, listener: CommitListener) -> None:
         """Call ``listener(step, kind)`` after every commit (in-process monitors only)."""
@@ -330,8 +371,11 @@ class CheckpointMonitor:
         self._ledger.failed(step, kind, f"{name}: {error}")
 
     def close(self) -> None:
-        """Stop background retention (waiting for a round in progress). Commits go on: a save
-        still running may complete its step after this."""
+        """Let the replica catch up (up to ``close_timeout_s``), then stop background
+        retention (waiting for a round in progress). Commits go on: a save still running may
+        complete its step after this (a replicated job's next start uploads it)."""
+        if self._replicator is not None:
+            self._replicator.close()
         if self._retention is not None:
             self._retention.close()
 

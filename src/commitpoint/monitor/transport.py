@@ -49,6 +49,7 @@ class ActorRequest:
     retention: Any | None = None
     replicate_to: str | None = None
     default_hdfs_dir: str | None = None
+    replicate_options: Any | None = None
     resume_from_checkpoint: bool | None = None
     actor_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -103,7 +104,14 @@ def get_actor(cls: type[CheckpointMonitor], request: ActorRequest) -> Any:
         cls,
         namespace=request.namespace,
         name=request.name,
-        init_args=(url, dict(request.storage_options or {}), strategy, request.retention, replica),
+        init_args=(
+            url,
+            dict(request.storage_options or {}),
+            strategy,
+            request.retention,
+            replica,
+            request.replicate_options,
+        ),
         actor_options=request.actor_options,
     )
     with _unwrapped():

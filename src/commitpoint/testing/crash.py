@@ -16,6 +16,12 @@ runs to its last step is checked, removed, and a fresh job starts.
 
 ``python -m commitpoint.testing.crash --kills 500 --backend local,s3`` prints the counts and exits
 non-zero if any check failed; docs/crash-consistency.md records a run.
+
+Tiered mode (``--replica s3``): every job also replicates to a replica root on that backend
+(``CheckpointMonitor(..., replicate_to=...)``, replica retention ``keep_last`` too). After each
+kill the replica is checked like the local root, and more: its pointers never name a step the
+local tier has not committed, and once a job ran to its end (its monitor's ``close`` waits for
+the replica) the replica names the same steps as the local root. docs/reliability.md records a run.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from commitpoint.maintenance.retention import RetentionPolicy, RetentionResult
 from commitpoint.monitor import CheckpointMonitor
 from commitpoint.read.reader import CheckpointReader
 from commitpoint.read.verify import verify_step
+from commitpoint.replication.options import ReplicationOptions
 from commitpoint.save.coordinator import CheckpointCoordinator
 from commitpoint.storage.protocol import FileRecord, StorageBackend
 from commitpoint.storage.registry import open_storage
@@ -64,11 +71,22 @@ UNLOADABLE = "unloadable steps"
 LOST = "lost committed steps"
 REGRESSION = "regressions"
 WORKER_ERROR = "worker errors"
-CATEGORIES = (TORN, UNVERIFIABLE, UNLOADABLE, LOST, REGRESSION, WORKER_ERROR)
+REPLICA_AHEAD = "replica names an uncommitted step"
+REPLICA_BEHIND = "replica behind at job end"
+CATEGORIES = (
+    TORN,
+    UNVERIFIABLE,
+    UNLOADABLE,
+    LOST,
+    REGRESSION,
+    WORKER_ERROR,
+    REPLICA_AHEAD,
+    REPLICA_BEHIND,
+)
 
 # What a worker's threads can be doing at once; a kill's phase names every one that was running
 # (e.g. ``manifest+save``), or what the training thread did if none was (``train``, ``resume``...).
-BUSY_PHASES = ("pointer", "manifest", "retention", "save")
+BUSY_PHASES = ("pointer", "manifest", "retention", "save", "replicate")
 _RECORD_SIZE = 96
 
 
@@ -103,6 +121,9 @@ class WorkerJob:
     storage_options: dict[str, Any]
     phase_file: str
     config: JobConfig
+    replica_url: str | None = None
+    """Tiered mode: the job also replicates to this root."""
+    replica_options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -111,7 +132,12 @@ class WorkerJob:
     def from_json(cls, line: str) -> WorkerJob:
         body = json.loads(line)
         return cls(
-            body["url"], body["storage_options"], body["phase_file"], JobConfig(**body["config"])
+            body["url"],
+            body["storage_options"],
+            body["phase_file"],
+            JobConfig(**body["config"]),
+            body.get("replica_url"),
+            body.get("replica_options") or {},
         )
 
 
@@ -207,6 +233,41 @@ def _observe_commits(storage: StorageBackend, phases: PhaseRecorder) -> None:
 
     storage.write_pointer_if = pointer  # type: ignore[method-assign]
     storage.write_bytes = data  # type: ignore[method-assign]
+
+
+def _observe_replica(storage: StorageBackend, phases: PhaseRecorder) -> None:
+    """Mark every write the replicator makes on the replica (uploads, manifests, pointers)."""
+    open_write = storage.open_write
+    write_pointer_if = storage.write_pointer_if
+
+    def upload(relpath: str, *, track: bool = True) -> Any:
+        writer = open_write(relpath, track=track)
+        close, abort = writer.close, writer.abort
+        phases_ctx = phases.busy("replicate")
+        phases_ctx.__enter__()
+
+        def closed() -> None:
+            try:
+                close()
+            finally:
+                phases_ctx.__exit__(None, None, None)
+
+        def aborted() -> None:
+            try:
+                abort()
+            finally:
+                phases_ctx.__exit__(None, None, None)
+
+        writer.close = closed  # type: ignore[method-assign]
+        writer.abort = aborted  # type: ignore[method-assign]
+        return writer
+
+    def pointer(name: str, value: int, token: str | None) -> str:
+        with phases.busy("replicate"):
+            return write_pointer_if(name, value, token)
+
+    storage.open_write = upload  # type: ignore[method-assign]
+    storage.write_pointer_if = pointer  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -344,8 +405,19 @@ def run_worker(job: WorkerJob, phases: PhaseRecorder) -> int:
     config = job.config
     reader = CheckpointReader(job.url, **job.storage_options)
     retention = RetentionPolicy(keep_last=config.keep_last, orphan_min_age_s=0.0)
+    replica: StorageBackend | None = None
+    if job.replica_url is not None:
+        replica = open_storage(job.replica_url, **job.replica_options)
+        _observe_replica(replica, phases)
     monitor = CheckpointMonitor(
-        job.url, job.storage_options, retention=_ObservedRetention(retention, phases)
+        job.url,
+        job.storage_options,
+        retention=_ObservedRetention(retention, phases),
+        replicate_to=replica,
+        replicate_options=ReplicationOptions(
+            retention=RetentionPolicy(keep_last=config.keep_last, orphan_min_age_s=0.0),
+            backoff_s=0.05,
+        ),
     )
     _observe_commits(monitor.storage, phases)
     coordinator = CheckpointCoordinator(monitor, node_id="crash-worker")
@@ -620,6 +692,54 @@ class _Worker:
             os.unlink(self.log_path)
 
 
+class _Tiers:
+    """Tiered mode: the replica root of the current job, its checker and history."""
+
+    def __init__(self, replica: CheckpointRoot, config: JobConfig) -> None:
+        self.replica = replica
+        self.config = config
+        self.url = ""
+        self.checker: Checker | None = None
+        self.history = RootHistory()
+
+    def new_job(self, number: int) -> None:
+        self.url = f"{self.replica.url.rstrip('/')}/job-{number:03d}"
+        self.checker = Checker(self.url, self.replica.storage_options, self.config)
+        self.history = RootHistory()
+
+    def job(self, job: WorkerJob) -> WorkerJob:
+        return WorkerJob(
+            job.url,
+            job.storage_options,
+            job.phase_file,
+            job.config,
+            self.url,
+            dict(self.replica.storage_options),
+        )
+
+    def check(self, local: CheckResult, *, done: bool) -> None:
+        """Check the replica like a root, then against the local pointers just read."""
+        assert self.checker is not None
+        result = self.checker.check(self.history)
+        for failure in result.failures:
+            local.failures.append(Failure(failure.category, f"replica: {failure.detail}"))
+        local.verified += result.verified
+        local.removed += result.removed
+        for kind in Kind:
+            here, there = local.pointers.get(kind), result.pointers.get(kind)
+            if there is not None and (here is None or there > here):
+                local.failures.append(
+                    Failure(REPLICA_AHEAD, f"replica {kind.pointer} names {there}, local {here}")
+                )
+            if done and there != here:
+                local.failures.append(
+                    Failure(REPLICA_BEHIND, f"{kind.pointer}: local {here}, replica {there}")
+                )
+
+    def remove(self) -> None:
+        _remove_root(self.url, self.replica.storage_options)
+
+
 class _Estimate:
     """How long a worker takes to resume and per step, learned from the workers' own records,
     so random kill instants spread over the whole remaining run."""
@@ -679,10 +799,15 @@ def run_crashes(
     config: JobConfig = JobConfig(),
     workdir: str | None = None,
     progress: Callable[[str], None] | None = None,
+    replica: CheckpointRoot | None = None,
 ) -> Tally:
-    """Kill workers training on ``root`` until ``kills`` SIGKILLs landed; check after each."""
+    """Kill workers training on ``root`` until ``kills`` SIGKILLs landed; check after each.
+
+    With ``replica`` (tiered mode) every job also replicates to a root under it, which is
+    checked after each kill too (see the module docstring)."""
     rng = random.Random(seed)
-    tally = Tally(root.backend)
+    tally = Tally(root.backend if replica is None else f"{root.backend}->{replica.backend}")
+    tiers = _Tiers(replica, config) if replica is not None else None
     estimate = _Estimate()
     began = time.monotonic()
     work = tempfile.mkdtemp(prefix="commitpoint-crash-") if workdir is None else workdir
@@ -690,6 +815,8 @@ def run_crashes(
     jobs = 0
     url = f"{root.url.rstrip('/')}/job-{jobs:03d}"
     checker, history = Checker(url, root.storage_options, config), RootHistory()
+    if tiers is not None:
+        tiers.new_job(jobs)
     logs = (os.path.join(work, f"worker-{root.backend}-{n}.log") for n in itertools.count())
     live: list[_Worker] = []
     errors_in_a_row = 0
@@ -701,9 +828,13 @@ def run_crashes(
             remaining = config.steps - (history.last[Kind.CHECKPOINT] or 0)
             delay = rng.uniform(0, 1.1 * estimate.run_s(remaining))
             job = WorkerJob(url, dict(root.storage_options), phase_file, config)
+            if tiers is not None:
+                job = tiers.job(job)
             code, record = _run_once(worker, job, delay)
             estimate.learn(record, delay)
             result = checker.check(history)
+            if tiers is not None:
+                tiers.check(result, done=record.phase == "done" and code == 0)
             logger.debug("delay %.2f s, exit %s, %s: %s", delay, code, record, result.failures)
             tally.checks += 1
             tally.verified += result.verified
@@ -725,6 +856,9 @@ def run_crashes(
                 jobs += 1
                 url = f"{root.url.rstrip('/')}/job-{jobs:03d}"
                 checker, history = Checker(url, root.storage_options, config), RootHistory()
+                if tiers is not None:
+                    tiers.remove()
+                    tiers.new_job(jobs)
             if progress is not None and code == -9 and tally.kills % 25 == 0:
                 progress(
                     f"{root.backend}: {tally.kills}/{kills} kills, "
@@ -751,8 +885,13 @@ def _backend_root(backend: str, parent: str | None) -> Iterator[CheckpointRoot]:
 
         with s3_root("crash") as root:
             yield root
+    elif backend == "gcs":
+        from commitpoint.testing.gcs import gcs_root
+
+        with gcs_root("crash") as root:
+            yield root
     else:
-        raise SystemExit(f"commitpoint crash: unknown backend {backend!r} (local, s3)")
+        raise SystemExit(f"commitpoint crash: unknown backend {backend!r} (local, s3, gcs)")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -767,6 +906,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=JobConfig.width, help="model width")
     parser.add_argument("--checkpoint-every", type=int, default=JobConfig.checkpoint_every)
     parser.add_argument("--keep-last", type=int, default=JobConfig.keep_last)
+    parser.add_argument(
+        "--replica",
+        default=None,
+        help="tiered mode: every job also replicates to a root on this backend (local, s3, gcs)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("kills", "steps", "width", "checkpoint_every", "keep_last"):
@@ -793,9 +937,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, backend in enumerate(backends):
             share = args.kills // len(backends) + (i < args.kills % len(backends))
-            with _backend_root(backend, args.root) as root:
-                _say(f"{backend}: {share} kills on {root.url}")
-                tally = run_crashes(root, share, seed=args.seed + i, config=config, progress=_say)
+            with contextlib.ExitStack() as stack:
+                root = stack.enter_context(_backend_root(backend, args.root))
+                replica = (
+                    stack.enter_context(_backend_root(args.replica, args.root))
+                    if args.replica
+                    else None
+                )
+                where = root.url if replica is None else f"{root.url} -> {replica.url}"
+                _say(f"{backend}: {share} kills on {where}")
+                tally = run_crashes(
+                    root, share, seed=args.seed + i, config=config, progress=_say, replica=replica
+                )
             tallies.append(tally)
             for line in tally.summary():
                 _say(line)
