@@ -95,7 +95,9 @@ def fault_proxy(target: str, plan: FaultPlan) -> Iterator[str]:
                 if key.lower() == "location" and plan.rewrite is not None:
                     value = value.replace(upstream.netloc, proxy)
                 self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
+            # A HEAD answer has no body: pass on the size the store gave for the object.
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)

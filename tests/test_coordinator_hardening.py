@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -188,21 +189,53 @@ def test_a_full_checkpoint_never_replaces_its_steps_committed_state_dict(
 def test_two_saves_of_one_step_writing_one_file_fail_the_second(
     root: CheckpointRoot, coordinator: CheckpointCoordinator
 ) -> None:
+    """While save a has written the file but not reported it, save b may not replace it (the
+    manifest could vouch for either content); b fails, the step never commits, a's bytes stay."""
     storage = coordinator.storage
+    written, release = threading.Event(), threading.Event()
 
     def save(value: float) -> None:
         save_torch(storage, "global_step_1/model.pt", {"w": torch.full((4,), value)})
 
-    coordinator.save_async("a", lambda: save(1.0), 1, is_state_dict=True)
-    coordinator.wait_all()
+    def first() -> None:
+        save(1.0)
+        written.set()
+        assert release.wait(30)
+
+    coordinator.save_async("a", first, 1, is_state_dict=True)
+    assert written.wait(30)
     coordinator.save_async("b", lambda: save(2.0), 1, is_state_dict=True)
     coordinator.register_and_monitor_sync(1, True, state_dict_thread_count=2)
+    while "b" in coordinator.pending():
+        time.sleep(0.01)
+    release.set()
     with pytest.raises(SaveFailed) as caught:
         coordinator.wait_all()
     assert isinstance(caught.value.cause, DuplicateWrite)
     assert root.committed_steps()["state_dict"] is None
     loaded = torch.load(root.open().open_read("global_step_1/model.pt"), weights_only=True)
     assert loaded["w"][0].item() == 1.0
+
+
+def test_a_later_save_may_rewrite_a_file_once_the_first_reported_it(
+    root: CheckpointRoot, coordinator: CheckpointCoordinator
+) -> None:
+    """Sequential saves of one file: the later record replaces the first, so the committed
+    manifest describes the bytes the file holds."""
+    storage = coordinator.storage
+    coordinator.save_async(
+        "a", lambda: save_torch(storage, "global_step_1/model.pt", {"w": torch.ones(4)}), 1, True
+    )
+    coordinator.wait_all()
+    coordinator.save_async(
+        "b", lambda: save_torch(storage, "global_step_1/model.pt", {"w": torch.zeros(4)}), 1, True
+    )
+    coordinator.register_and_monitor_sync(1, True, state_dict_thread_count=2)
+    coordinator.wait_all()
+    assert root.committed_steps()["state_dict"] == 1
+    assert root.verify(1).ok
+    loaded = torch.load(root.open().open_read("global_step_1/model.pt"), weights_only=True)
+    assert loaded["w"][0].item() == 0.0
 
 
 # -- SINGLE_THREAD: a failed commit does not free the slot twice (item 12) -------------------

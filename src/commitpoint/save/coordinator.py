@@ -49,7 +49,7 @@ from commitpoint.errors import (
 )
 from commitpoint.monitor.transport import MonitorClient
 from commitpoint.save.staging import StagedStateDict, Stager, StagingOptions
-from commitpoint.storage.protocol import StorageBackend
+from commitpoint.storage.protocol import FileRecord, StorageBackend
 from commitpoint.storage.registry import open_storage
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,15 @@ def _check_bool(value: object, what: str) -> bool:
     return value
 
 
+@dataclass
+class _Claim:
+    """Which save wrote a file of a step, of which kind, and whether the monitor has its record."""
+
+    name: str
+    kind: Kind
+    reported: bool = False
+
+
 class CheckpointCoordinator:
     """Runs saves in the background and reports them to a :class:`CheckpointMonitor`.
 
@@ -169,7 +178,7 @@ class CheckpointCoordinator:
         self._saves: dict[str, _Save] = {}  # the newest save of each name
         self._live: list[_Save] = []  # every save not yet done, in the order started
         self._failures: list[SaveFailed] = []
-        self._claims: OrderedDict[str, str] = OrderedDict()  # file -> the save that wrote it
+        self._claims: OrderedDict[str, _Claim] = OrderedDict()  # file -> the save that wrote it
         self._lock = threading.Lock()
         self._staging_options = staging
         self._stager: Stager | None = None
@@ -394,6 +403,7 @@ class CheckpointCoordinator:
                 files=records,
                 writer_epoch=self._writer_epoch_of(step, latest.get("writer_epoch")),
             )
+            self._mark_reported(name, records)
             return None
         except BaseException as exc:  # every failure must reach wait_all
             return self._record_failure(name, step, is_state_dict, exc, started)
@@ -503,18 +513,32 @@ class CheckpointCoordinator:
                     raise StepRegression(self._storage.url_for(kind.pointer), current, target)
             elif manifest is not None and any(f.path == relpath for f in manifest.files):
                 raise StepRegression(self._storage.url_for(checked.pointer), current, target)
-        self._claim(relpath, getattr(self._saving, "name", None) or "?")
+        self._claim(relpath, getattr(self._saving, "name", None) or "?", kind)
 
-    def _claim(self, relpath: str, name: str) -> None:
-        """Remember that save ``name`` wrote ``relpath``; a different save may not write it."""
+    def _claim(self, relpath: str, name: str, kind: Kind) -> None:
+        """Remember that save ``name`` wrote ``relpath``. Another save may not write it while the
+        first has not reported its record: the monitor could then keep either record for bytes
+        only one of them describes. Once the first reported, a later save may rewrite the file:
+        its record arrives later and replaces the first, so the manifest describes the bytes the
+        file holds (a full checkpoint rewriting the weights it published, as Trinity-RFT's
+        trainer does)."""
         with self._lock:
             owner = self._claims.get(relpath)
-            if owner is not None and owner != name:
-                raise DuplicateWrite(self._storage.url_for(relpath), owner, name)
-            self._claims[relpath] = name
+            if owner is not None and owner.name != name and not owner.reported:
+                raise DuplicateWrite(self._storage.url_for(relpath), owner.name, name)
+            self._claims[relpath] = _Claim(name, kind)
             self._claims.move_to_end(relpath)
             while len(self._claims) > CLAIMS_KEPT:
                 self._claims.popitem(last=False)
+
+    def _mark_reported(self, name: str, records: list[FileRecord]) -> None:
+        """The monitor holds the records of save ``name``: its files may now be rewritten by a
+        save of the other kind."""
+        with self._lock:
+            for record in records:
+                claim = self._claims.get(record.path)
+                if claim is not None and claim.name == name:
+                    claim.reported = True
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Wait for every background save asked for so far (also those queued behind another
